@@ -1,0 +1,39 @@
+# Every target sets itself up: a fresh clone needs only `make quickstart` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export MALLOC_MMAP_MAX_ = 0
+export MALLOC_TRIM_THRESHOLD_ = 1099511627776
+
+.PHONY: setup data quickstart test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST ships offline as a Debian package; install it only where it is missing.
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+data: $(FMNIST)
+
+quickstart: setup data
+	$(VENV)/bin/oqat smoke --out runs/smoke
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup data
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/bench_supernet.py
+
+clean:
+	rm -rf runs .pytest_cache

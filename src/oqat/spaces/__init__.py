@@ -1,0 +1,1 @@
+"""Packaged search-space presets (YAML); load them with ``SearchSpace.preset(name)``."""
