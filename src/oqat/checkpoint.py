@@ -32,7 +32,7 @@ class CheckpointError(ValueError):
 def library_versions() -> dict[str, str]:
     from . import __version__
 
-    return {"oqat": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"oqat": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
