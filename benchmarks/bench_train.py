@@ -39,12 +39,12 @@ def run_stage(name: str, args, out: Path, bits: int, epochs: int, init: str | No
                  **({"synthetic_size": args.synthetic_size} if args.data == "synthetic" else {})},
         "model": {"dropout": 0.0},
         "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": lr, "warmup_epochs": 0.0 if init else 0.2,
-                  "num_random": args.num_random, "eval_images": 0, "seed": args.seed, "log_every": 10,
+                  "num_random": args.num_random, "eval_images": 0, "seed": args.seed, "log_every": 10, "ckpt_every": 50,
                   "max_steps": args.max_steps, "device": args.device},
     })
     start = time.time()
-    if not final.exists():
-        train(cfg, stage_dir, progress=True)
+    if not final.exists():  # an interrupted stage continues from its last checkpoint
+        train(cfg, stage_dir, progress=True, resume=(stage_dir / "checkpoints" / "last.pt").exists())
     seconds = time.time() - start
     records = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["images_per_s"] for r in records if "images_per_s" in r]

@@ -1,0 +1,14 @@
+"""Deployment of extracted subnets: ONNX in QCDQ form, onnxruntime verification, packed
+low-bit weights and inference on image files. See docs/export.md."""
+
+from .meta import Preprocessing, model_info, preprocessing_for
+from .onnx import build_onnx, export_onnx, read_onnx_info
+from .packed import load_packed, pack_bits, read_packed_info, save_packed, unpack_bits
+from .pipeline import ExportResult, export_subnet, load_subnet
+from .predict import ExportedModel, load_image, predict_files
+from .verify import VerificationError, VerifyReport, verification_inputs, verify_models, verify_onnx
+
+__all__ = ["Preprocessing", "model_info", "preprocessing_for", "build_onnx", "export_onnx", "read_onnx_info",
+           "load_packed", "pack_bits", "read_packed_info", "save_packed", "unpack_bits", "ExportResult",
+           "export_subnet", "load_subnet", "ExportedModel", "load_image", "predict_files", "VerificationError",
+           "VerifyReport", "verification_inputs", "verify_models", "verify_onnx"]

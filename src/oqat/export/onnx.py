@@ -1,0 +1,258 @@
+"""ONNX export of an extracted subnet in QCDQ form, built node by node from the module tree.
+
+Every quantized tensor (the weight and the input activation of each quantized conv) becomes
+``QuantizeLinear -> Clip -> DequantizeLinear``: an int8 (signed) or uint8 (unsigned) container,
+scale = the quantizer's effective step ``|s|``, zero point 0, and a Clip that carries the b-bit
+integer range ``qrange(b, signed)``. ``QuantizeLinear`` rounds half to even and saturates like
+``torch.round``/``torch.clamp``, and since the grid bounds are integers
+``clip(round(v)) == round(clip(v))``: the graph computes exactly the PyTorch forward
+``round(clip(x / s, Qn, Qp)) * s``. Full-precision layers (stem, squeeze-excite, classifier)
+are float ops. BatchNorm stays a float ``BatchNormalization`` after the conv: LSQ quantizes the
+weight *before* BN, so folding BN into the weight would change the integer codes.
+
+The graph is written with ``onnx.helper`` rather than traced: the network is a fixed, small
+set of layer types, and writing it directly gives stable node names (module paths), the exact
+QCDQ pattern, and access to every code tensor for verification, independent of the
+torch.onnx exporter in use.
+
+``weights="int8"`` stores the weight codes themselves as int8 initializers followed by
+``DequantizeLinear`` (about 4x smaller files; the codes are checked to lie in the b-bit range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..nn.block import MBConvBlock
+from ..nn.layers import QConvBN, SqueezeExcite
+from ..quant import LSQQuantizer, qrange
+from .meta import check_initialized, to_string_map
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+WEIGHT_MODES = ("float", "int8")
+
+
+def _scale_value(quantizer: LSQQuantizer) -> np.float32:
+    """The scale written into the graph: the step the PyTorch forward divides by."""
+    return np.float32(quantizer.effective_step().detach().float().item())
+
+
+def weight_codes(weight: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
+    """Integer codes of a weight as the PyTorch forward computes them (float tensor of integers)."""
+    qn, qp = qrange(quantizer.bits, quantizer.signed)
+    s = quantizer.effective_step().detach().to(weight.dtype)
+    return torch.clamp(weight.detach() / s, qn, qp).round()
+
+
+@dataclass
+class CodeTensor:
+    """One quantized tensor of the graph: its quantizer's module name and where its codes are."""
+
+    name: str                # quantizer module path, e.g. "blocks.2.expand.act_quant"
+    kind: str                # "weight" or "activation"
+    bits: int
+    signed: bool
+    tensor: str              # graph tensor holding the integer codes (Clip output or initializer)
+    initializer: bool = False
+
+
+@dataclass
+class _Graph:
+    weights: str
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    codes: list = field(default_factory=list)
+    _names: set = field(default_factory=set)
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        if name in self._names:
+            raise RuntimeError(f"duplicate ONNX tensor name {name}")
+        self._names.add(name)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def param(self, name: str, t: torch.Tensor) -> str:
+        return self.const(name, t.detach().cpu().float().numpy())
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        if name in self._names:
+            raise RuntimeError(f"duplicate ONNX tensor name {name}")
+        self._names.add(name)
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+    # ------------------------------------------------------------------ quantization
+    def qcdq(self, qname: str, x: str, q: LSQQuantizer, kind: str) -> str:
+        qn, qp = qrange(q.bits, q.signed)
+        dtype = np.int8 if q.signed else np.uint8
+        s = self.const(f"{qname}.scale", _scale_value(q))
+        z = self.const(f"{qname}.zero_point", np.array(0, dtype))
+        lo = self.const(f"{qname}.qmin", np.array(qn, dtype))
+        hi = self.const(f"{qname}.qmax", np.array(qp, dtype))
+        y = self.op("QuantizeLinear", [x, s, z], f"{qname}.quantize")
+        c = self.op("Clip", [y, lo, hi], f"{qname}.codes")
+        self.codes.append(CodeTensor(qname, kind, q.bits, q.signed, c))
+        return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
+
+    def int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer) -> str:
+        if not q.signed:
+            raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
+        codes = weight_codes(weight, q).cpu().numpy()
+        qn, qp = qrange(q.bits, q.signed)
+        if codes.min() < qn or codes.max() > qp:  # cannot happen: clamp above
+            raise RuntimeError(f"{qname}: weight codes outside [{qn}, {qp}]")
+        c = self.const(f"{qname}.codes", codes.astype(np.int8))
+        self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, c, initializer=True))
+        s = self.const(f"{qname}.scale", _scale_value(q))
+        z = self.const(f"{qname}.zero_point", np.array(0, np.int8))
+        return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
+
+    # ------------------------------------------------------------------ layers
+    def activation(self, name: str, act: nn.Module, x: str) -> str:
+        if isinstance(act, nn.Identity):
+            return x
+        if isinstance(act, nn.ReLU):
+            return self.op("Relu", [x], f"{name}.relu")
+        if isinstance(act, nn.Hardswish):
+            return self.op("HardSwish", [x], f"{name}.hardswish")
+        raise ValueError(f"export: activation {name} of type {type(act).__name__} is not supported")
+
+    def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:
+        quantized = layer.act_quant is not None and layer.act_quant.enabled
+        if quantized:
+            x = self.qcdq(f"{name}.act_quant", x, layer.act_quant, "activation")
+        wq = layer.weight_quant
+        if wq is not None and wq.enabled:
+            if self.weights == "int8":
+                w = self.int_weight(f"{name}.weight_quant", layer.weight, wq)
+            else:
+                w = self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", layer.weight), wq, "weight")
+        else:
+            w = self.param(f"{name}.weight", layer.weight)
+        k = int(layer.weight.shape[-1])
+        groups = int(layer.weight.shape[0]) if layer.depthwise else 1
+        y = self.op("Conv", [x, w], f"{name}.conv", kernel_shape=[k, k], strides=[layer.stride] * 2,
+                    pads=[k // 2] * 4, group=groups)
+        if layer.bn is not None:
+            bn = layer.bn
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError(f"export: {name}.bn has no running statistics")
+            y = self.op("BatchNormalization",
+                        [y, self.param(f"{name}.bn.weight", bn.weight), self.param(f"{name}.bn.bias", bn.bias),
+                         self.param(f"{name}.bn.running_mean", bn.running_mean),
+                         self.param(f"{name}.bn.running_var", bn.running_var)],
+                        f"{name}.bn", epsilon=float(bn.eps))
+        return self.activation(name, layer.act, y)
+
+    def se(self, name: str, se: SqueezeExcite, x: str) -> str:
+        y = self.op("GlobalAveragePool", [x], f"{name}.pool")
+        y = self.op("Conv", [y, self.param(f"{name}.reduce.weight", se.reduce.weight),
+                             self.param(f"{name}.reduce.bias", se.reduce.bias)], f"{name}.reduce", kernel_shape=[1, 1])
+        y = self.op("Relu", [y], f"{name}.relu")
+        y = self.op("Conv", [y, self.param(f"{name}.expand.weight", se.expand.weight),
+                             self.param(f"{name}.expand.bias", se.expand.bias)], f"{name}.expand", kernel_shape=[1, 1])
+        y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
+        return self.op("Mul", [x, y], f"{name}.scale")
+
+    def block(self, name: str, block: MBConvBlock, x: str) -> str:
+        y = x if block.expand is None else self.qconvbn(f"{name}.expand", block.expand, x)
+        y = self.qconvbn(f"{name}.depthwise", block.depthwise, y)
+        if block.se is not None:
+            y = self.se(f"{name}.se", block.se, y)
+        y = self.qconvbn(f"{name}.project", block.project, y)
+        return self.op("Add", [x, y], f"{name}.residual") if block.residual else y
+
+
+_SUPPORTED = (QConvBN, SqueezeExcite, MBConvBlock, LSQQuantizer, nn.BatchNorm2d, nn.Conv2d, nn.Linear,
+              nn.Dropout, nn.ReLU, nn.Hardswish, nn.Identity, nn.ModuleList)
+
+
+def _check_supported(sub: nn.Module) -> None:
+    from ..models import SubNet
+
+    if not isinstance(sub, SubNet):
+        raise ValueError(f"export: expected an extracted SubNet (supernet.extract(arch)), got {type(sub).__name__}")
+    for name, m in sub.named_modules():
+        if name and not isinstance(m, _SUPPORTED):
+            raise ValueError(f"export: module {name} of type {type(m).__name__} is not supported by the ONNX exporter")
+    check_initialized(sub)
+
+
+def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, weights: str = "float",
+               expose_codes: bool = False) -> tuple[onnx.ModelProto, list[CodeTensor]]:
+    """The ONNX model of an extracted subnet (eval semantics), and its quantized tensors.
+
+    ``expose_codes`` adds every Clip output (the integer codes) as an extra graph output: the
+    verification copy. Input ``input`` is (batch, C, r, r) with a dynamic batch; output ``logits``.
+    """
+    if opset < 13:
+        raise ValueError(f"opset: {opset} is too old; Clip on int8/uint8 needs opset >= 13 (use 17)")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights: {weights!r} is not one of {list(WEIGHT_MODES)}")
+    _check_supported(sub)
+    g = _Graph(weights)
+    with torch.no_grad():
+        x = g.qconvbn("stem", sub.stem, INPUT_NAME)
+        x = g.block("first_block", sub.first_block, x)
+        for i, block in enumerate(sub.blocks):
+            x = g.block(f"blocks.{i}", block, x)
+        x = g.qconvbn("final_expand", sub.final_expand, x)
+        x = g.op("GlobalAveragePool", [x], "pool")
+        x = g.qconvbn("feature_mix", sub.feature_mix, x)
+        x = g.op("Flatten", [x], "flatten", axis=1)
+        g.nodes.append(helper.make_node("Gemm", [x, g.param("classifier.weight", sub.classifier.weight),
+                                                 g.param("classifier.bias", sub.classifier.bias)],
+                                        [OUTPUT_NAME], name="classifier", transB=1))
+    space, r = sub.space, sub.arch.r
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", space.in_channels, r, r])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", space.num_classes])]
+    if expose_codes:
+        for c in g.codes:
+            if not c.initializer:
+                dtype = TensorProto.INT8 if c.signed else TensorProto.UINT8
+                outputs.append(helper.make_tensor_value_info(c.tensor, dtype, None))
+    graph = helper.make_graph(g.nodes, f"oqat-{space.name}-{sub.bits}bit", inputs, outputs, g.inits)
+    from .. import __version__
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="oqat",
+                              producer_version=__version__,
+                              doc_string=f"oqat subnet of {space.name} at {sub.bits} bit, QCDQ form")
+    # The lowest IR version that carries this opset: older runtimes can read the file too.
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    if info:
+        helper.set_model_props(model, to_string_map(info))
+    onnx.checker.check_model(model)
+    return model, g.codes
+
+
+def export_onnx(sub, path: str | Path, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
+                weights: str = "float") -> Path:
+    """Write the ONNX model of ``sub`` to ``path`` (see :func:`build_onnx`)."""
+    model, _ = build_onnx(sub, info=info, opset=opset, weights=weights)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def read_onnx_info(path: str | Path) -> dict:
+    """The oqat metadata of an exported ONNX file (ValueError if it has none)."""
+    from .meta import from_string_map
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    return from_string_map({p.key: p.value for p in model.metadata_props}, str(path))
