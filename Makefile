@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export MALLOC_MMAP_MAX_ = 0
 export MALLOC_TRIM_THRESHOLD_ = 1099511627776
 
-.PHONY: setup data quickstart test test-slow bench clean
+.PHONY: setup data quickstart smoke test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ $(FMNIST):
 data: $(FMNIST)
 
 quickstart: setup data
+	$(VENV)/bin/oqat run configs/quickstart.yaml --out runs/quickstart
+
+smoke: setup
 	$(VENV)/bin/oqat smoke --out runs/smoke
 
 test: setup

@@ -2,9 +2,11 @@
 
 ``lsq_quantize`` is a single autograd Function whose backward is written out: the straight-
 through estimator for x (zero outside the clipping range) and the LSQ step gradient, scaled by
-``1/sqrt(N*Qp)``. The element-wise work runs in one fused kernel per direction when
-``torch.compile`` works on this machine (``impl="auto"``), otherwise in eager PyTorch; both give
-the same numbers. :class:`LSQQuantizer` owns the shared step ``step`` and its data-driven
+``1/sqrt(N*Qp)``. The element-wise work runs in one fused kernel per direction, optionally with
+the preceding activation (ReLU/h_swish) folded in. ``impl="auto"`` picks, in order: native C
+kernels for CPU float32 tensors (:mod:`oqat._lsq_cpu`, built once with the system compiler),
+``torch.compile``'d kernels, eager PyTorch; all give the same numbers (the step gradient up to
+summation order). :class:`LSQQuantizer` owns the shared step ``step`` and its data-driven
 initialisation (averaged over data-parallel ranks).
 """
 
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _lsq_cpu
 from .space import FULL_PRECISION, normalize_bits
 
 STEP_EPS = 1e-8  # smallest step used in the forward; keeps |s| strictly positive
@@ -37,23 +40,71 @@ def grad_scale(numel: int, bits: int, signed: bool) -> float:
 
 
 # ----------------------------------------------------------------------------- kernels
-# The grid bounds travel as 0-dim tensors so that one compiled kernel serves every bit-width.
-def _forward_kernel(x: torch.Tensor, s: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(x / s, qn, qp).round() * s
+# The grid bounds and the activation code travel as 0-dim tensors so that one compiled kernel
+# serves every bit-width and every activation.
+ACT_CODES = {None: 0, "relu": 1, "h_swish": 2}
 
 
-def _backward_kernel(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor):
-    """Returns (grad_x, unscaled grad_s).
+def _act_and_slope(z: torch.Tensor, code: torch.Tensor):
+    """(act(z), d act/dz) for the activation `code` (0 identity, 1 ReLU, 2 h_swish), written with
+    element-wise ops only so that the compiled kernel computes it in registers. The slopes are
+    those of torch's own backward: ReLU 0 at z <= 0; h_swish 0 at z <= -3, z/3 + 1/2 inside, 1 at z >= 3."""
+    relu = torch.clamp_min(z, 0.0)
+    hswish = z * torch.clamp(z + 3.0, 0.0, 6.0) / 6.0
+    act = torch.where(code == 1, relu, torch.where(code == 2, hswish, z))
+    one, zero = torch.ones_like(z), torch.zeros_like(z)
+    d_relu = torch.where(z > 0, one, zero)
+    d_hswish = torch.where(z <= -3.0, zero, torch.where(z < 3.0, z / 3.0 + 0.5, one))
+    slope = torch.where(code == 1, d_relu, torch.where(code == 2, d_hswish, one))
+    return act, slope
 
-    Inside the range the STE passes g to x and d(out)/ds = round(v) - v; outside, x gets nothing
-    and d(out)/ds = Qn or Qp. Boundaries count as inside, as torch.clamp's gradient does.
+
+def _forward_kernel(x: torch.Tensor, s: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor,
+                    code: torch.Tensor) -> torch.Tensor:
+    a = _act_and_slope(x, code)[0]
+    return torch.clamp(a / s, qn, qp).round() * s
+
+
+def _backward_kernel(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor,
+                     code: torch.Tensor):
+    """Returns (grad_x, unscaled grad_s), with v = act(x)/s.
+
+    Inside the range the STE passes g on (times the activation's slope) and d(out)/ds =
+    round(v) - v; outside, x gets nothing and d(out)/ds = Qn or Qp. Values exactly on a boundary
+    count as inside (x gets the gradient, as in the LSQ paper; d(out)/ds = round(v) - v = 0 there).
     """
-    v = x / s
+    a, slope = _act_and_slope(x, code)
+    v = a / s
     inside = (v >= qn) & (v <= qp)
-    grad_x = torch.where(inside, g, torch.zeros_like(g))
+    grad_x = torch.where(inside, g * slope, torch.zeros_like(g))
     q = torch.clamp(v, qn, qp).round()
     dsv = torch.where(inside, q - v, q)
     grad_s = (g * dsv).sum()
+    return grad_x, grad_s
+
+
+# Eager versions: Python picks the activation, so the identity case does no extra work.
+def _eager_act(x: torch.Tensor, code: torch.Tensor):
+    c = int(code)
+    if c == 0:
+        return x, None
+    if c == 1:
+        return torch.relu(x), (x > 0).to(x.dtype)
+    slope = torch.where(x <= -3.0, 0.0, torch.where(x < 3.0, x / 3.0 + 0.5, 1.0))
+    return x * torch.clamp(x + 3.0, 0.0, 6.0) / 6.0, slope
+
+
+def _eager_forward(x, s, qn, qp, code):
+    return torch.clamp(_eager_act(x, code)[0] / s, qn, qp).round() * s
+
+
+def _eager_backward(g, x, s, qn, qp, code):
+    a, slope = _eager_act(x, code)
+    v = a / s
+    inside = (v >= qn) & (v <= qp)
+    grad_x = torch.where(inside, g if slope is None else g * slope, torch.zeros_like(g))
+    q = torch.clamp(v, qn, qp).round()
+    grad_s = (g * torch.where(inside, q - v, q)).sum()
     return grad_x, grad_s
 
 
@@ -67,30 +118,52 @@ def _compiled_kernels():
         # falls back to eager instead of failing.
         fwd = torch.compile(_forward_kernel, dynamic=True)
         bwd = torch.compile(_backward_kernel, dynamic=True)
-        x = torch.linspace(-3, 3, 8192)
         s, qn, qp = torch.tensor(0.5), torch.tensor(-4.0), torch.tensor(3.0)
-        ok_f = torch.equal(fwd(x, s, qn, qp), _forward_kernel(x, s, qn, qp))
-        gx, gs = bwd(torch.ones_like(x), x, s, qn, qp)
-        rx, rs = _backward_kernel(torch.ones_like(x), x, s, qn, qp)
-        if not (ok_f and torch.equal(gx, rx) and torch.allclose(gs, rs)):
-            raise RuntimeError("compiled LSQ kernels disagree with eager ones")
+        # Compile here, in the state the autograd Function calls them (grad mode off, which is
+        # part of dynamo's guards), for a small and a large tensor: inductor specialises the
+        # reduction of the backward on the size (a guard near 4096 elements), so both variants
+        # are built now instead of in the middle of a run.
+        with torch.no_grad():
+            for n in (1000, 8192):
+                x = torch.linspace(-5, 5, n)
+                for code in ACT_CODES.values():
+                    c = torch.tensor(code)
+                    ok_f = torch.equal(fwd(x, s, qn, qp, c), _eager_forward(x, s, qn, qp, c))
+                    gx, gs = bwd(torch.ones_like(x), x, s, qn, qp, c)
+                    rx, rs = _eager_backward(torch.ones_like(x), x, s, qn, qp, c)
+                    if not (ok_f and torch.allclose(gx, rx, rtol=1e-6, atol=0) and torch.allclose(gs, rs)):
+                        raise RuntimeError("compiled LSQ kernels disagree with eager ones")
         return fwd, bwd
     except Exception as exc:  # no compiler, unsupported platform, ...
         warnings.warn(f"oqat: torch.compile unavailable for the LSQ kernels, using eager ({exc})")
         return None
 
 
+IMPLS = ("auto", "native", "compiled", "eager")
+
+
 def _kernels(impl: str, device: torch.device):
-    if impl == "eager" or device.type not in ("cpu", "cuda"):
-        return _forward_kernel, _backward_kernel
-    if impl not in ("auto", "compiled"):
-        raise ValueError(f"impl: {impl!r} is not one of 'auto', 'compiled', 'eager'")
+    """(forward, backward) element-wise kernels for tensors on `device`: compiled or eager."""
+    if impl in ("eager", "native") or device.type not in ("cpu", "cuda"):
+        return _eager_forward, _eager_backward
     compiled = _compiled_kernels()
     if compiled is None:
         if impl == "compiled":
             raise RuntimeError("impl='compiled' requested but torch.compile does not work here")
-        return _forward_kernel, _backward_kernel
+        return _eager_forward, _eager_backward
     return compiled
+
+
+def _native(impl: str, x: torch.Tensor):
+    """The native C kernels where `impl` allows them and they handle `x` (CPU float32), else None."""
+    if impl in ("auto", "native") and _lsq_cpu.supports(x):
+        kernels = _lsq_cpu.library()
+        if kernels is not None:
+            return kernels
+    if impl == "native":
+        raise RuntimeError("impl='native' requested but the native LSQ kernels are unavailable "
+                           f"here (they need a C compiler and CPU float32 tensors; got {x.device} {x.dtype})")
+    return None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -103,41 +176,97 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
+@functools.cache
+def _constants(qn: int, qp: int, code: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(Qn, Qp, act code) as 0-dim tensors, built once per combination (not on every call)."""
+    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in (qn, qp, code))
+
+
 class _LSQFunction(torch.autograd.Function):
+    """``positive=True`` quantizes with ``max(|step|, STEP_EPS)`` and applies the derivative of
+    that map in the backward (what LSQQuantizer does, with two autograd nodes fewer)."""
+
     @staticmethod
-    def forward(ctx, x, step, qn, qp, scale, impl):
-        fwd, bwd = _kernels(impl, x.device)
-        bounds = torch.tensor([qn, qp], dtype=x.dtype, device=x.device)
-        flat = _flat(x)
-        s = step.detach().to(x.dtype)
-        ctx.save_for_backward(flat, s, bounds)
-        ctx.consts = (scale, bwd, x.shape, step.dtype)
-        return fwd(flat, s, bounds[0], bounds[1]).view(x.shape)
+    def forward(ctx, x, step, qn, qp, scale, impl, code, positive=False):
+        native = _native(impl, x)
+        if native is not None:  # plain Python floats, no reshapes: little around the kernel
+            raw = float(step)
+            sv = max(abs(raw), STEP_EPS) if positive else raw
+            xc = x.detach().contiguous()
+            out = native.forward(xc, sv, qn, qp, code)
+            ctx.save_for_backward(xc)
+        else:
+            flat = _flat(x)
+            raw = step.detach()
+            s = (raw.abs().clamp_min(STEP_EPS) if positive else raw).to(x.dtype)
+            fwd, _ = _kernels(impl, x.device)
+            out = fwd(flat, s, *_constants(qn, qp, code, x.dtype, x.device))
+            ctx.save_for_backward(flat, s, raw)
+            sv, raw = None, None
+        ctx.consts = (scale, impl, native, x.shape, step.dtype, qn, qp, code, positive, sv, raw)
+        return out if native is not None else out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, s, bounds = ctx.saved_tensors
-        scale, bwd, shape, step_dtype = ctx.consts
-        grad_x, grad_s = bwd(_flat(grad_out), flat, s, bounds[0], bounds[1])
-        grad_step = (grad_s * scale).to(step_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x.view(shape) if ctx.needs_input_grad[0] else None, grad_step, None, None, None, None
+        scale, impl, native, shape, step_dtype, qn, qp, code, positive, sv, raw = ctx.consts
+        if native is not None:  # autograd hands us a gradient of the output's dtype and device
+            (xc,) = ctx.saved_tensors
+            grad_x, total = native.backward(grad_out.contiguous(), xc, sv, qn, qp, code)
+            if positive:  # d max(|w|, eps)/dw = sign(w) where |w| >= eps, else 0
+                total = total * (math.copysign(1.0, raw) if abs(raw) >= STEP_EPS else 0.0)
+            grad_s = torch.tensor(total * scale, dtype=step_dtype) if ctx.needs_input_grad[1] else None
+            return grad_x if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None, None, None
+        flat, s, raw_t = ctx.saved_tensors
+        _, bwd = _kernels(impl, flat.device)
+        g = _flat(grad_out)
+        grad_x, grad_s = bwd(g, flat, s, *_constants(qn, qp, code, flat.dtype, flat.device))
+        grad_s = (grad_s * scale).to(step_dtype)
+        if positive:
+            grad_s = grad_s * torch.where(raw_t.abs() >= STEP_EPS, raw_t.sign(), 0.0)
+        grad_step = grad_s if ctx.needs_input_grad[1] else None
+        return (grad_x.view(shape) if ctx.needs_input_grad[0] else None, grad_step,
+                None, None, None, None, None, None)
+
+
+def _activation_fn(act: str | None):
+    if act not in ACT_CODES:
+        raise ValueError(f"act: {act!r} is not one of {list(ACT_CODES)}")
+    return {None: lambda t: t, "relu": torch.relu, "h_swish": torch.nn.functional.hardswish}[act]
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
-                 grad_scale_factor: float | None = None, impl: str = "auto") -> torch.Tensor:
+                 grad_scale_factor: float | None = None, impl: str = "auto", act: str | None = None) -> torch.Tensor:
     """Fake-quantize ``x`` to ``bits`` with step size ``step`` (a positive scalar tensor).
 
     Forward ``round(clip(x/s, Qn, Qp)) * s``; backward is LSQ's, with the step gradient scaled by
-    ``grad_scale_factor`` (default ``1/sqrt(x.numel() * Qp)``).
+    ``grad_scale_factor`` (default ``1/sqrt(x.numel() * Qp)``). ``act`` ("relu" or "h_swish")
+    quantizes ``act(x)`` instead, with the activation computed inside the same kernels (its
+    gradient included): one pass over memory instead of two in each direction.
     """
     if not 2 <= bits <= 16:
         raise ValueError(f"bits: {bits} is outside 2..16")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: {impl!r} is not one of {list(IMPLS)}")
+    act_fn = _activation_fn(act)
     qn, qp = qrange(bits, signed)
     scale = grad_scale(x.numel(), bits, signed) if grad_scale_factor is None else grad_scale_factor
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         # Traced/compiled graphs (ONNX export, user compile) get the plain formula.
-        return torch.clamp(x / step.to(x.dtype), qn, qp).round() * step.to(x.dtype)
-    return _LSQFunction.apply(x, step, qn, qp, scale, impl)
+        return torch.clamp(act_fn(x) / step.to(x.dtype), qn, qp).round() * step.to(x.dtype)
+    return _LSQFunction.apply(x, step, qn, qp, scale, impl, ACT_CODES[act])
+
+
+def _lsq_positive(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, impl: str,
+                  act: str | None, numel: int | None = None) -> torch.Tensor:
+    """``lsq_quantize(x, max(|step|, STEP_EPS), ...)`` with that max inside the autograd Function
+    (two autograd nodes fewer per call; the same values and gradients)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return lsq_quantize(x, step.abs().clamp_min(STEP_EPS), bits, signed, impl=impl, act=act)
+    if act not in ACT_CODES:
+        raise ValueError(f"act: {act!r} is not one of {list(ACT_CODES)}")
+    qn, qp = qrange(bits, signed)
+    scale = grad_scale(x.numel() if numel is None else numel, bits, signed)
+    return _LSQFunction.apply(x, step, qn, qp, scale, impl, ACT_CODES[act], True)
 
 
 def lsq_reference(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
@@ -147,9 +276,14 @@ def lsq_reference(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) 
     """
     qn, qp = qrange(bits, signed)
     g = grad_scale(x.numel(), bits, signed)
-    s = (step - step * g).detach() + step * g
-    v = torch.clamp(x / s, qn, qp)
-    v = (v.round() - v).detach() + v
+    # value of step, gradient scaled by g; written so that the value is exactly `step`
+    # ((step - step*g) + step*g may differ from step in the last bit and move boundary values).
+    s = step.detach() + (step * g - (step * g).detach())
+    v = x / s
+    # clip with the boundaries inside (they pass gradient to x), as the LSQ paper and the fused
+    # kernel do; torch.clamp's own gradient at the boundaries differs between torch versions
+    v = torch.where(v < qn, qn, torch.where(v > qp, qp, v))
+    v = v.round().detach() + (v - v.detach())  # straight-through round, exactly round(v)
     return v * s
 
 
@@ -162,10 +296,15 @@ class LSQQuantizer(nn.Module):
     is kept so state dicts match across bit-widths).
     """
 
-    def __init__(self, bits: int | None, signed: bool, impl: str = "auto"):
+    def __init__(self, bits: int | None, signed: bool, impl: str = "auto", batched: bool = False):
         super().__init__()
         self.bits = normalize_bits(bits)
         self.signed = signed
+        # An activation quantizer sees one rank's share of the batch; LSQ's gradient scale
+        # 1/sqrt(N Qp) then counts N over all ranks, so W ranks of batch B train like one of W*B.
+        self.batched = batched
+        if impl not in IMPLS:
+            raise ValueError(f"impl: {impl!r} is not one of {list(IMPLS)}")
         self.impl = impl
         self.step = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -180,22 +319,28 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         qp = qrange(self.bits, self.signed)[1]
-        value = 2.0 * x.detach().abs().mean().float() / math.sqrt(qp)
+        # float64 accumulation: the mean over W ranks' shares equals the whole batch's mean to the
+        # last bit of the step, so data-parallel and single-process runs start from the same steps
+        value = 2.0 * x.detach().abs().mean(dtype=torch.float64) / math.sqrt(qp)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(value)
             value /= dist.get_world_size()
-        self.step.copy_(value.clamp_min(STEP_EPS))
+        self.step.copy_(value.clamp_min(STEP_EPS).to(self.step.dtype))
         self.initialized.fill_(True)
 
     def effective_step(self) -> torch.Tensor:
         return self.step.abs().clamp_min(STEP_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """Quantize ``x``, or ``act(x)`` when ``act`` ("relu"/"h_swish") is given (fused)."""
         if not self.enabled:
-            return x
+            return _activation_fn(act)(x)
         if not bool(self.initialized):
-            self.initialize(x)
-        return lsq_quantize(x, self.effective_step(), self.bits, self.signed, impl=self.impl)
+            self.initialize(_activation_fn(act)(x))
+        numel = x.numel()
+        if self.batched and dist.is_available() and dist.is_initialized():
+            numel *= dist.get_world_size()
+        return _lsq_positive(x, self.step, self.bits, self.signed, self.impl, act, numel)
 
 
 __all__ = ["lsq_quantize", "lsq_reference", "LSQQuantizer", "qrange", "grad_scale"]

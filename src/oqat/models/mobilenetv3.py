@@ -19,8 +19,9 @@ class _MobileNetV3Base(nn.Module):
     def _build_head(self, space: SearchSpace, bits: int | None, signed_inputs: bool, dropout: float, impl: str) -> None:
         self.final_expand = QConvBN(space.stages[-1].width, space.final_expand_channels, 1, act="h_swish",
                                     bits=bits, act_signed=signed_inputs, impl=impl)
+        # its input is the pooled h_swish output of final_expand: unsigned (see output_can_be_negative)
         self.feature_mix = QConvBN(space.final_expand_channels, space.feature_mix_channels, 1, bn=False,
-                                   act="h_swish", bits=bits, act_signed=signed_inputs, impl=impl)
+                                   act="h_swish", bits=bits, act_signed=False, impl=impl)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(space.feature_mix_channels, space.num_classes)
 

@@ -27,9 +27,35 @@ def activation(name: str | None) -> nn.Module:
     raise ValueError(f"activation: {name!r} is not one of 'relu', 'h_swish'")
 
 
+def apply_activation_(x: torch.Tensor, name: str | None) -> torch.Tensor:
+    """The activation `name` applied in place (x must be a fresh tensor, e.g. a BN output)."""
+    if name is None:
+        return x
+    if name == "relu":
+        return F.relu(x, inplace=True)
+    if name == "h_swish":
+        return F.hardswish(x, inplace=True)
+    raise ValueError(f"activation: {name!r} is not one of 'relu', 'h_swish'")
+
+
 def output_can_be_negative(act: str | None) -> bool:
-    """Whether an activation's output can be negative (decides activation-quantizer sign)."""
-    return act != "relu"
+    """Whether a quantizer fed by `act` gets a signed grid.
+
+    Only linear outputs (no activation: block outputs, residual sums) are signed. ReLU outputs
+    are non-negative; h_swish outputs reach only -0.375, and spending half of a 2- or 3-bit grid
+    on that lobe leaves a single positive level at 2 bit (measured: a 2-bit supernet inherited from
+    3 bit then stayed at chance), so they are quantized unsigned like OQA does, the lobe clipped.
+    """
+    return act is None
+
+
+def _leading(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """The leading ``sizes`` slice of ``t``; ``t`` itself (not a view) when that is all of it, so
+    extracted layers use their parameters directly (no-grad views of parameters break autograd
+    hooks such as FlopCounterMode's module tracker)."""
+    if all(n == m for n, m in zip(sizes, t.shape)):
+        return t
+    return t[tuple(slice(0, n) for n in sizes)]
 
 
 def _copy_quantizer(dst: LSQQuantizer | None, src: LSQQuantizer | None) -> None:
@@ -86,7 +112,7 @@ class QConvBN(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.depthwise = kernel_size, stride, depthwise
         self.act_name = act
-        self.act_quant = LSQQuantizer(bits, signed=act_signed, impl=impl) if quantize else None
+        self.act_quant = LSQQuantizer(bits, signed=act_signed, impl=impl, batched=True) if quantize else None
         self.weight = nn.Parameter(torch.empty(out_channels, 1 if depthwise else in_channels, kernel_size, kernel_size))
         self.weight_quant = LSQQuantizer(bits, signed=True, impl=impl) if quantize else None
         self.bn = SlicedBatchNorm2d(out_channels) if bn else None
@@ -101,11 +127,14 @@ class QConvBN(nn.Module):
         """The weight slice a subnet uses (overridden by elastic kernels)."""
         if kernel_size != self.kernel_size:
             raise ValueError(f"kernel size {kernel_size} is not available in this layer (k={self.kernel_size})")
-        if self.depthwise:
-            return self.weight[:out_channels]
-        return self.weight[:out_channels, :in_channels]
+        return _leading(self.weight, out_channels, 1 if self.depthwise else in_channels)
 
-    def forward(self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None, *,
+                input_act: str | None = None, apply_act: bool = True) -> torch.Tensor:
+        """``input_act``: `x` is a pre-activation (the previous layer ran with ``apply_act=False``)
+        and this layer applies that activation first, inside its input quantizer's kernel when
+        quantization is on (one memory pass instead of two), in place otherwise. ``apply_act=False``
+        returns this layer's output before its activation, for the next layer to fuse."""
         in_channels = x.size(1)
         if self.depthwise:
             out_channels = in_channels
@@ -113,14 +142,17 @@ class QConvBN(nn.Module):
             out_channels = self.out_channels
         kernel_size = kernel_size or self.kernel_size
         weight = self.active_weight(in_channels, out_channels, kernel_size)
+        if input_act is not None and (self.act_quant is None or not self.act_quant.enabled):
+            x = apply_activation_(x, input_act)
+            input_act = None
         if self.act_quant is not None:
-            x = self.act_quant(x)
+            x = self.act_quant(x, act=input_act) if input_act is not None else self.act_quant(x)
             weight = self.weight_quant(weight)
         groups = in_channels if self.depthwise else 1
         x = F.conv2d(x, weight, None, self.stride, kernel_size // 2, 1, groups)
         if self.bn is not None:
             x = self.bn(x)
-        return self.act(x)
+        return self.act(x) if apply_act else x
 
     def extract(self, in_channels: int, out_channels: int, kernel_size: int | None = None) -> "QConvBN":
         """A standalone layer of exactly the active size, with the same steps and statistics."""
@@ -155,7 +187,7 @@ class ElasticDepthwise(QConvBN):
     def active_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
         if kernel_size not in self.kernel_choices:
             raise ValueError(f"kernel size {kernel_size} is not one of {self.kernel_choices}")
-        weight = self.weight[:out_channels]
+        weight = _leading(self.weight, out_channels)
         size = self.kernel_size
         for big, small in zip(self.kernel_choices[::-1], self.kernel_choices[-2::-1]):
             if big <= kernel_size:
@@ -185,8 +217,8 @@ class SqueezeExcite(nn.Module):
         c = x.size(1)
         mid = self.mid_channels(c)
         y = x.mean((2, 3), keepdim=True)
-        y = F.relu(F.conv2d(y, self.reduce.weight[:mid, :c], self.reduce.bias[:mid]), inplace=True)
-        y = F.hardsigmoid(F.conv2d(y, self.expand.weight[:c, :mid], self.expand.bias[:c]), inplace=True)
+        y = F.relu(F.conv2d(y, _leading(self.reduce.weight, mid, c), _leading(self.reduce.bias, mid)), inplace=True)
+        y = F.hardsigmoid(F.conv2d(y, _leading(self.expand.weight, c, mid), _leading(self.expand.bias, c)), inplace=True)
         return x * y
 
     def extract(self, channels: int) -> "SqueezeExcite":

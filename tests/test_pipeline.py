@@ -1,0 +1,285 @@
+"""oqat run: the whole pipeline on configs/ci-tiny.yaml (synthetic data, a few steps per stage),
+stage markers and skipping, recovery after an interruption, config errors, the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from oqat import Arch, cost
+from oqat.checkpoint import load_checkpoint
+from oqat.pipeline import (Pipeline, StageMismatch, config_from_dict, load_run_config, parse_budget, read_marker,
+                           run_pipeline, run_space)
+
+ROOT = Path(__file__).resolve().parents[1]
+CI = ROOT / "configs" / "ci-tiny.yaml"
+STAGES = ["fp", "supernet-4bit", "supernet-3bit", "supernet-2bit", "search-4bit", "search-3bit", "search-2bit",
+          "baseline", "export"]
+
+
+def _raw() -> dict:
+    return yaml.safe_load(CI.read_text())
+
+
+def _run(out: Path, raw: dict | None = None, **kw):
+    lines: list[str] = []
+    res = run_pipeline(raw if raw is not None else CI, out, progress=False, echo=lines.append, **kw)
+    return res, lines
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    res, lines = _run(out)
+    return out, res, lines
+
+
+def _markers(out: Path) -> dict:
+    return {s: read_marker(out / s) for s in STAGES}
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_every_stage_runs_and_records_its_results(done_run):
+    out, res, lines = done_run
+    assert res.ran == STAGES and res.skipped == []
+    markers = _markers(out)
+    for name, m in markers.items():
+        assert m is not None and m["status"] == "complete" and m["wall_s"] > 0, name
+        assert any(line.startswith("== [") and f"] {name}:" in line for line in lines), name  # one banner per stage
+    # training stages: 4 -> 3 -> 2 by inheritance, steps as configured
+    assert [markers[s]["results"]["steps"] for s in STAGES[:4]] == [2, 3, 2, 2]
+    init3 = load_checkpoint(out / "supernet-3bit" / "init.pt")
+    four = load_checkpoint(out / "supernet-4bit" / "final.pt")
+    key = next(k for k in four.model if k.endswith(".step"))
+    assert init3.bits == 3 and torch.allclose(init3.model[key], 2 * four.model[key])
+    assert markers["supernet-4bit"]["results"]["checkpoint"] == "supernet-4bit/final.pt"
+    # search: chosen subnets respect their budget, accuracies are percentages, extremes measured
+    space = load_checkpoint(out / "supernet-2bit" / "final.pt").space
+    for b in (4, 3, 2):
+        r = markers[f"search-{b}bit"]["results"]
+        assert {"largest", "smallest"} <= set(r["supernet"])
+        for c in r["chosen"]:
+            for metric, limit in c["budget"]["constraints"].items():
+                assert c["costs"][metric] <= limit
+            assert 0 <= c["holdout_top1"] <= 100 and 0 <= c["test_top1"] <= 100
+            assert c["arch"]["bits"] == b
+    # the 2-bit search has the automatic budget at the baseline's BitOPs
+    base = markers["baseline"]["results"]
+    chosen2 = {c["budget"]["name"]: c for c in markers["search-2bit"]["results"]["chosen"]}
+    assert chosen2["baseline"]["budget"]["constraints"]["bitops"] == pytest.approx(base["costs"]["bitops"])
+    assert base["costs"]["bitops"] == cost.bitops(space, space.validate(Arch.from_dict(base["arch"])))
+    # baseline: one network, as many training images as all OQAT training stages together
+    seen = sum(markers[s]["results"]["images_seen"] for s in STAGES[:4])
+    assert base["train"]["images_seen"] == pytest.approx(seen, abs=base["train"]["batch_size"])
+    assert 0 <= base["test_top1"] <= 100
+    # export: every distinct chosen subnet, both formats, verified, with latency
+    rows = markers["export"]["results"]["exports"]
+    assert len(rows) == sum(len(markers[f"search-{b}bit"]["results"]["chosen"]) for b in (4, 3, 2))
+    for row in rows:
+        for fmt in ("onnx", "oqat"):
+            f = row["files"][fmt]
+            assert (out / f["path"]).is_file() and f["verified"] is True
+        assert row["latency_ms_torch"] > 0 and row["latency_ms_onnx"] > 0
+
+
+def test_report_is_complete_and_self_contained(done_run):
+    out, _, _ = done_run
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for section in ("Summary", "Stages and time", "Supernet accuracy per bit-width", "Pareto fronts",
+                    "Chosen subnets", "Baseline comparison", "Configuration"):
+        assert f"## {section}" in md and f"<h2>{section}</h2>" in page
+    for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / img).is_file() and (out / img).stat().st_size > 1000
+    assert "report_files/pareto_bitops.png" in md and "report_files/pareto_macs.png" in md
+    links = re.findall(r"\]\((export/[^)]+)\)", md)
+    assert any(link.endswith(".onnx") for link in links) and all((out / link).is_file() for link in links)
+    # HTML: figures embedded, nothing fetched from elsewhere
+    assert page.count('src="data:image/png;base64,') >= 2
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<link" not in page
+    # figures in the report match the markers
+    m = read_marker(out / "search-4bit")["results"]
+    assert f"{m['supernet']['largest']['test_top1']:.2f}" in md
+    assert "Headline comparison" in md and f"{read_marker(out / 'baseline')['results']['test_top1']:.2f}" in md
+
+
+def test_rerun_skips_every_stage(done_run, tmp_path):
+    out, _, _ = done_run
+    before = {s: m["finished"] for s, m in _markers(out).items()}
+    res, lines = _run(out)
+    assert res.ran == [] and res.skipped == STAGES
+    assert {s: m["finished"] for s, m in _markers(out).items()} == before
+    assert sum("skipped" in line for line in lines) == len(STAGES)
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_killed_mid_training_resumes_to_the_same_result(done_run, tmp_path, monkeypatch):
+    """Interrupt supernet-4bit after its first step (fp has 2 steps), then rerun the same command."""
+    ref, _, _ = done_run
+    out = tmp_path / "run"
+    import oqat.distributed as D
+
+    real, calls = D.average_gradients, {"n": 0}
+
+    def boom(params):
+        calls["n"] += 1
+        if calls["n"] == 4:  # fp: steps 1, 2; supernet-4bit: step 1 done (checkpointed), interrupted in step 2
+            raise KeyboardInterrupt
+        return real(params)
+
+    monkeypatch.setattr(D, "average_gradients", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _run(out)
+    monkeypatch.setattr(D, "average_gradients", real)
+    m = read_marker(out / "supernet-4bit")
+    assert m["status"] == "running" and load_checkpoint(out / "supernet-4bit/checkpoints/last.pt").step == 1
+    res, lines = _run(out)
+    assert res.skipped == ["fp"] and res.ran == STAGES[1:]
+    assert any("supernet-4bit" in line and "continuing" in line for line in lines)
+    m = read_marker(out / "supernet-4bit")
+    assert m["status"] == "complete" and m["results"]["resumed"] is True and m["attempts"] == 2
+    a = load_checkpoint(out / "supernet-4bit/final.pt").model
+    b = load_checkpoint(ref / "supernet-4bit/final.pt").model
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_marker(out / "search-2bit")["results"]["chosen"] == read_marker(ref / "search-2bit")["results"]["chosen"]
+
+
+def test_deleted_marker_reruns_that_stage_and_what_depends_on_it(done_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(done_run[0], out)
+    (out / "search-2bit" / "stage.json").unlink()
+    old = read_marker(out / "search-2bit" / ".." / "export")
+    res, _ = _run(out)
+    assert res.ran == ["search-2bit", "export"]
+    new = read_marker(out / "search-2bit")["results"]
+    assert new["measurements"] == 0 and new["cache_reused"] > 0  # every subnet came from the cache
+    assert new["chosen"] == read_marker(done_run[0] / "search-2bit")["results"]["chosen"]
+    assert read_marker(out / "export")["finished"] > old["finished"]
+
+
+def test_changed_config_is_an_error_unless_redo_changed(done_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(done_run[0], out)
+    raw = _raw()
+    raw["stages"]["search"]["population"] = 4
+    with pytest.raises(StageMismatch, match=r"search-4bit.*search-3bit.*search-2bit.*export.*--redo-changed"):
+        _run(out, raw)
+    st = Pipeline(config_from_dict(raw), out).status()
+    assert [s for s, v in st.items() if v == "changed"] == ["search-4bit", "search-3bit", "search-2bit", "export"]
+    assert [s for s, v in st.items() if v == "done"] == STAGES[:4] + ["baseline"]
+    # settings that do not change results (logging, device) keep every stage valid
+    raw2 = _raw()
+    raw2["train"]["log_every"] = 7
+    assert set(Pipeline(config_from_dict(raw2), out).status().values()) == {"done"}
+    res, _ = _run(out, raw, redo_changed=True)
+    assert res.ran == ["search-4bit", "search-3bit", "search-2bit", "export"]
+    assert read_marker(out / "search-4bit")["spec"]["population"] == 4
+
+
+# ----------------------------------------------------------------------------- config errors
+def _error(raw: dict) -> str:
+    with pytest.raises(ValueError) as exc:
+        config_from_dict(raw, "ci.yaml")
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda r: r["stages"]["search"].update(populaton=3), r"ci\.yaml\.stages\.search: unknown key.*populaton"),
+    (lambda r: r.update(stagez={}), r"ci\.yaml: unknown key.*stagez"),
+    (lambda r: r["stages"]["supernet"].update(bits="four"), r"ci\.yaml\.stages\.supernet\.bits: expected an integer"),
+    (lambda r: r["train"].update(lr="fast"), r"ci\.yaml\.train\.lr: expected a number"),
+    (lambda r: r["stages"]["supernet"]["train"].update(momentun=0.9) if "train" in r["stages"]["supernet"]
+     else r["stages"]["supernet"].update(train={"momentun": 0.9}), r"stages\.supernet\.train: unknown key.*momentun"),
+    (lambda r: r["data"].update(holdout=-1), r"ci\.yaml\.data\.holdout"),
+    (lambda r: r["stages"]["search"].update(budgets=["macs=1k"]),
+     r"stages\.search\.budgets\[0\]: budget macs_1k is impossible at \d bit.*macs"),
+    (lambda r: r["stages"]["search"].update(budgets=["x:macs=5G", {"name": "t", "bitops": 1000}]),
+     r"stages\.search\.budgets\[1\]: budget t is impossible at \d bit: the smallest subnet already has bitops"),
+    (lambda r: r["stages"]["search"].update(budgets=["flops=5M"]), r"stages\.search\.budgets\[0\]: metric 'flops'"),
+    (lambda r: r["stages"]["inherit"]["targets"][0].update(bits=5), r"stages\.inherit\.targets\[0\]\.bits: 5 must be lower"),
+    (lambda r: r["stages"]["inherit"]["targets"].reverse(), r"stages\.inherit\.targets\[1\]\.bits: 3 must be lower than 2"),
+    (lambda r: r["stages"]["search"].update(bits=[4, 1]), r"stages\.search\.bits\[1\]: 1 bit is not trained"),
+    (lambda r: r["stages"]["baseline"]["arch"].update(r=13), r"stages\.baseline\.arch: r: 13"),
+    (lambda r: r["stages"]["baseline"].update(arch=None), r"stages\.baseline\.arch: required"),
+    (lambda r: r["stages"]["export"].update(formats=["tflite"]), r"stages\.export\.formats\[0\]: 'tflite'"),
+    (lambda r: r["stages"]["supernet"].update(max_steps=0), r"stages\.supernet\.train\.max_steps: must be >= 1"),
+    (lambda r: r["stages"]["supernet"].update(train={"epochs": 2}),
+     r"stages\.supernet\.epochs: given twice"),
+    (lambda r: r["train"].update(batch_size=4096, ) or r["data"].update(train_limit=100),
+     r"ci\.yaml\.train\.batch_size: 4096 exceeds data\.train_limit"),
+    (lambda r: r["train"].update(arch={"ks": [3]}), r"ci\.yaml\.train\.arch: not allowed"),
+])
+def test_config_errors_name_the_key(edit, where):
+    raw = _raw()
+    edit(raw)
+    assert re.search(where, _error(raw)), _error(raw)
+
+
+def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
+    from oqat.cli import main
+
+    rc = main(["run", str(CI), "--out", str(tmp_path / "x"), "--set", "stages.search.population=many"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "stages.search.population: expected an integer" in err and str(CI) in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_lists_stages_and_their_state(done_run, capsys):
+    from oqat.cli import main
+
+    assert main(["run", str(CI), "--out", str(done_run[0]), "--dry-run", "--set", "stages.export.verify_images=9"]) == 0
+    text = capsys.readouterr().out
+    states = dict(re.findall(r"\] (\S+)\s+(done|pending|changed|partial)", text))
+    assert states == {**{s: "done" for s in STAGES}, "export": "changed"}
+
+
+def test_percentage_budgets_interpolate_between_smallest_and_largest():
+    cfg, _ = load_run_config(CI)
+    space = run_space(cfg)
+    lo, hi = cost.macs(space, space.smallest(2)), cost.macs(space, space.largest(2))
+    b = parse_budget("m:macs=25%,bitops=2G", space, 2, "x")
+    assert b.name == "m" and dict((c.metric, c.limit) for c in b.constraints) == {
+        "macs": pytest.approx(lo + 0.25 * (hi - lo)), "bitops": 2e9}
+    assert parse_budget({"name": "s", "macs": "100%"}, space, 2, "x").constraints[0].limit == pytest.approx(hi)
+    with pytest.raises(ValueError, match="x: macs: '120%' must lie in 0%..100%"):
+        parse_budget("macs=120%", space, 2, "x")
+
+
+def test_shipped_configs_are_valid():
+    """Every preset parses and validates (the ImageNet/CIFAR ones need no data for that)."""
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "stages" not in raw:
+            continue  # a plain `oqat train` config
+        cfg, _ = load_run_config(path)
+        pipe = Pipeline(cfg, "/nonexistent/run")
+        assert [s.name for s in pipe.stages][:1] in (["fp"], [f"supernet-{cfg.stages.supernet.bits}bit"]), path
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_run_and_rerun(tmp_path):
+    """Every rank takes the same decisions (markers come from rank 0); export and report on rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "oqat", "run", str(CI),
+           "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    markers = _markers(out)
+    assert all(m is not None and m["status"] == "complete" for m in markers.values())
+    assert markers["supernet-4bit"]["results"]["world_size"] == 2
+    assert (out / "report.html").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("), skipped") == len(STAGES) and "0 stage(s) run" in again.stdout
