@@ -107,7 +107,8 @@ def test_costs_scale_with_resolution_and_size(imagenet_space, oqa_arch):
     for _ in range(20):
         a = imagenet_space.sample(rng, bits=4)
         for f in (cost.macs, cost.params, cost.bitops, cost.size_bits):
-            assert f(imagenet_space, small.replace(r=a.r)) <= f(imagenet_space, a) <= f(imagenet_space, big.replace(r=a.r))
+            lo, hi = f(imagenet_space, small.replace(r=a.r)), f(imagenet_space, big.replace(r=a.r))
+            assert lo <= f(imagenet_space, a) <= hi
 
 
 def test_unused_slots_do_not_cost(imagenet_space, oqa_arch):

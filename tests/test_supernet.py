@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from oqat import Arch, build_supernet
+from oqat import build_supernet
 from oqat.nn.layers import QConvBN
 from oqat.quant import LSQQuantizer
 

@@ -93,7 +93,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_training_learns_and_writes_checkpoints(tmp_path):
-    cfg = load_train_config(tiny_config(tmp_path, epochs=3, ckpt_every=4))
+    cfg = load_train_config(tiny_config(tmp_path, epochs=3, ckpt_every=4, grad_clip=5.0))
     result = train(cfg, tmp_path / "run", progress=False)
     final = load_checkpoint(result.checkpoint)
     assert final.bits == 4 and final.space.name == "mbv3-tiny" and final.space.num_classes == 10

@@ -217,8 +217,10 @@ class SqueezeExcite(nn.Module):
         c = x.size(1)
         mid = self.mid_channels(c)
         y = x.mean((2, 3), keepdim=True)
-        y = F.relu(F.conv2d(y, _leading(self.reduce.weight, mid, c), _leading(self.reduce.bias, mid)), inplace=True)
-        y = F.hardsigmoid(F.conv2d(y, _leading(self.expand.weight, c, mid), _leading(self.expand.bias, c)), inplace=True)
+        reduce_w, reduce_b = _leading(self.reduce.weight, mid, c), _leading(self.reduce.bias, mid)
+        expand_w, expand_b = _leading(self.expand.weight, c, mid), _leading(self.expand.bias, c)
+        y = F.relu(F.conv2d(y, reduce_w, reduce_b), inplace=True)
+        y = F.hardsigmoid(F.conv2d(y, expand_w, expand_b), inplace=True)
         return x * y
 
     def extract(self, channels: int) -> "SqueezeExcite":
