@@ -123,14 +123,15 @@ def _oqat(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.timeout(2400)  # three training processes; minutes on a loaded 2-core machine
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     cfg = tiny_config(tmp_path, epochs=2, ckpt_every=3)
     ref = _oqat("train", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress")
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    assert ref.wait(timeout=900) == 0, ref.stderr.read()
 
     run = tmp_path / "killed"
     proc = _oqat("train", str(cfg), "--out", str(run), "--no-progress")
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     metrics = run / "metrics.jsonl"
     while time.time() < deadline:  # kill mid-epoch, a step after a checkpoint was written
         if metrics.exists() and sum(1 for _ in metrics.open()) >= 5:
@@ -142,7 +143,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert 0 < killed_at < 16 and not (run / "final.pt").exists()
 
     resumed = _oqat("train", str(cfg), "--out", str(run), "--resume", "--no-progress")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=900) == 0, resumed.stderr.read()
     a, b = load_checkpoint(tmp_path / "ref" / "final.pt"), load_checkpoint(run / "final.pt")
     assert a.step == b.step == 16
     for key in a.model:
