@@ -1,5 +1,6 @@
-"""Training figures (issue 3): FP -> 4 -> 3 -> 2 bit with bit inheritance, versus a 2-bit
-supernet trained from the FP one for as many quantized epochs, and training throughput.
+"""Training figures (issue 3): [FP ->] 4 -> 3 -> 2 bit with bit inheritance, versus a 2-bit
+supernet trained from the FP one (or from scratch with ``--epochs-fp 0``) for as many quantized
+epochs, and training throughput.
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 \
     .venv/bin/python benchmarks/bench_train.py --out runs/bench-train
@@ -35,11 +36,11 @@ def run_stage(name: str, args, out: Path, bits: int, epochs: int, init: str | No
     cfg = from_dict(TrainRunConfig, {
         "space": args.space, "bits": bits, "init": init,
         "data": {"name": args.data, "image_size": args.image_size, "holdout": args.holdout,
-                 "train_limit": args.train_limit, "workers": args.workers,
+                 "train_limit": args.train_limit, "workers": args.workers, "augment": args.augment,
                  **({"synthetic_size": args.synthetic_size} if args.data == "synthetic" else {})},
-        "model": {"dropout": 0.0},
-        "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": lr, "warmup_epochs": 0.0 if init else 0.2,
-                  "num_random": args.num_random, "eval_images": 0, "seed": args.seed, "log_every": 10, "ckpt_every": 50,
+        "model": {"dropout": 0.0, "unsigned_activations": args.unsigned_activations},
+        "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": lr, "warmup_epochs": 0.0 if init else args.warmup,
+                  "num_random": args.num_random, "distill": args.distill, "eval_images": 0, "seed": args.seed, "log_every": 10, "ckpt_every": 50,
                   "max_steps": args.max_steps, "device": args.device},
     })
     start = time.time()
@@ -77,12 +78,17 @@ def main() -> None:
     p.add_argument("--synthetic-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-random", type=int, default=2)
-    p.add_argument("--epochs-fp", type=int, default=2)
+    p.add_argument("--epochs-fp", type=int, default=2, help="0: no FP stage (4 and 2 bit from scratch)")
     p.add_argument("--epochs-4", type=int, default=2)
     p.add_argument("--epochs-3", type=int, default=1)
     p.add_argument("--epochs-2", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--finetune-lr", type=float, default=0.02, help="LR of the inherited 3- and 2-bit stages")
+    p.add_argument("--warmup", type=float, default=0.2, help="warm-up epochs of the stages not started from a checkpoint")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="in-place distillation from the largest subnet")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--unsigned-activations", action="store_true", help="OQA's all-unsigned activation quantizers")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -98,15 +104,15 @@ def main() -> None:
         print(json.dumps(row, indent=2))
         return
 
-    rows = [run_stage("fp", args, out, 32, args.epochs_fp, None, args.lr)]
-    fp = rows[0]["checkpoint"]
+    rows = [run_stage("fp", args, out, 32, args.epochs_fp, None, args.lr)] if args.epochs_fp > 0 else []
+    fp = rows[0]["checkpoint"] if rows else None
     rows.append(run_stage("b4", args, out, 4, args.epochs_4, fp, args.lr))
     inherit_checkpoint(rows[-1]["checkpoint"], 3, out / "inherit-3.pt")
     rows.append(run_stage("b3-inherited", args, out, 3, args.epochs_3, str(out / "inherit-3.pt"), args.finetune_lr))
     inherit_checkpoint(rows[-1]["checkpoint"], 2, out / "inherit-2.pt")
     rows.append(run_stage("b2-inherited", args, out, 2, args.epochs_2, str(out / "inherit-2.pt"), args.finetune_lr))
     scratch_epochs = args.epochs_4 + args.epochs_3 + args.epochs_2
-    rows.append(run_stage("b2-from-fp", args, out, 2, scratch_epochs, fp, args.lr))
+    rows.append(run_stage("b2-from-fp" if fp else "b2-scratch", args, out, 2, scratch_epochs, fp, args.lr))
 
     data = build_data(DataConfig(name=args.data, image_size=args.image_size, holdout=args.holdout,
                                  train_limit=args.train_limit,

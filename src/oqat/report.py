@@ -96,9 +96,10 @@ body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, 
 h1 { font-size: 1.8em; margin: 0.2em 0 0.3em; border-bottom: 3px solid #2f6fb3; padding-bottom: 0.2em; }
 h2 { font-size: 1.3em; margin: 1.6em 0 0.5em; color: #204a78; border-bottom: 1px solid #d5dde5; padding-bottom: 0.15em; }
 p { margin: 0.4em 0 0.8em; }
-table { border-collapse: collapse; margin: 0.4em 0 1.2em; font-size: 0.9em; }
+.tw { overflow-x: auto; margin: 0.4em 0 1.2em; }
+table { border-collapse: collapse; font-size: 0.88em; }
 th, td { border: 1px solid #cfd8e1; padding: 4px 9px; vertical-align: top; }
-th { background: #eef3f8; text-align: left; white-space: nowrap; }
+th { background: #eef3f8; text-align: left; vertical-align: bottom; }
 td { white-space: nowrap; }
 td.w { white-space: normal; min-width: 16em; }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; }
@@ -134,7 +135,7 @@ def render_html(blocks: list[Block], run_dir: Path, title: str) -> str:
             head = "".join(f'<th class="{a}">{_cell_html(h)}</th>' for h, a in zip(b.headers, align))
             rows = "".join("<tr>" + "".join(f'<td class="{a}">{_cell_html(c)}</td>' for c, a in zip(r, align)) + "</tr>"
                            for r in b.rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            body.append(f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
         elif b.kind == "img":
             data = base64.b64encode((run_dir / b.path).read_bytes()).decode()
             body.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
@@ -154,10 +155,14 @@ def si(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "–"
     v = float(value)
+
+    def fmt(x: float) -> str:  # never scientific notation: 587, 12.3, 0.25
+        return f"{x:.0f}" if abs(x) >= 10 ** (digits - 1) else f"{x:.{digits}g}"
+
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= div:
-            return f"{v / div:.{digits}g} {suffix}"
-    return f"{v:.{digits}g}"
+            return f"{fmt(v / div)} {suffix}"
+    return fmt(v)
 
 
 def pct(v: float | None) -> str:
@@ -321,12 +326,14 @@ def build_blocks(run_dir: Path, pipe) -> list[Block]:
     for bits in sorted(searches, reverse=True):
         chosen = searches[bits]["chosen"]
         if chosen:
-            best = max(chosen, key=lambda c: c["test_top1"])
-            rows.append([bits_label(bits), pct(best["test_top1"]), pct(best["holdout_top1"]), si(best["costs"]["macs"]),
+            best = max(chosen, key=lambda c: c["holdout_top1"])  # chosen on held-out data, never on test
+            rows.append([bits_label(bits), pct(best["holdout_top1"]), pct(best["test_top1"]), si(best["costs"]["macs"]),
                          si(best["costs"]["bitops"]), best["budget"]["name"]])
     if rows:
         blocks.append(Block("h2", "Summary"))
-        blocks.append(Block("table", headers=["bits", "best test top-1", "its held-out top-1", "MACs", "BitOPs",
+        blocks.append(Block("p", "The best chosen subnet of each bit-width (the one with the highest held-out top-1; "
+                                 "the test split is only reported)."))
+        blocks.append(Block("table", headers=["bits", "held-out top-1", "test top-1", "MACs", "BitOPs",
                                               "budget"], rows=rows, align=["l", "r", "r", "r", "r", "l"]))
     if cmp:
         d = cmp["oqat"]["test_top1"] - cmp["base"]["test_top1"]
@@ -401,7 +408,7 @@ def build_blocks(run_dir: Path, pipe) -> list[Block]:
                 ex = exports.get((bits, c["budget"]["name"]), {})
                 links = [Link(Path(f["path"]).name, f["path"]) for f in ex.get("files", {}).values()]
                 limits = ", ".join(f"{k} ≤ {si(v)}" for k, v in c["budget"]["constraints"].items())
-                row = [bits_label(bits), f"{c['budget']['name']} ({limits})", arch_summary(space, c["arch"]),
+                row = [bits_label(bits), [c["budget"]["name"], limits], arch_summary(space, c["arch"]),
                        pct(c["holdout_top1"]), pct(c["test_top1"]), si(c["costs"]["macs"]), si(c["costs"]["bitops"]),
                        f"{c['costs']['size_bits'] / 8 / 1024:.1f}"]
                 if has_lat:
@@ -411,7 +418,7 @@ def build_blocks(run_dir: Path, pipe) -> list[Block]:
                 rows.append(row)
         headers = ["bits", "budget", "arch", "held-out top-1", "test top-1", "MACs", "BitOPs", "size (KiB)"]
         if has_lat:
-            headers.append("latency ms (torch / ONNX)")
+            headers.append(["latency ms", "torch / ONNX"])
         headers += ["exported", "arch file"]
         blocks.append(Block("table", headers=headers, rows=rows,
                             align=["l", "l", "l", "r", "r", "r", "r", "r"] + (["r"] if has_lat else []) + ["l", "l"]))
