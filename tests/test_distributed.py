@@ -86,8 +86,10 @@ def test_two_ranks_without_sync_bn_stay_identical(tmp_path):
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks differ in {key}"
     (single,) = _run(tmp_path, "single", nproc=1, batch=16, sync_bn=False, bits=4)
-    # Per-rank BN statistics (here of 8 images) make the run differ from the single-process one;
-    # how far is not bounded yet: after 3 steps it was measured about as far (4.5) as a run on
-    # other data (5.1), so only "different but finite" is asserted.
+    # Per-rank BN statistics (here of 8 images) make the run differ from the single-process one,
+    # and by no small amount: after 3 steps, 2 ranks vs 1 process measured 8.7 (4 bit) and 4.8
+    # (FP), a single process on other data 9.1 and 5.0, also with nonzero BN biases. No tolerance
+    # tighter than "as far as other data" holds, so only "different but finite" is asserted; the
+    # exact equivalence is the sync-BN test's.
     near = _distance(ranks[0], single)
     assert 0 < near < float("inf")
