@@ -30,6 +30,12 @@ def tiny_space() -> SearchSpace:
 
 
 @pytest.fixture(scope="session")
+def space(tiny_space) -> SearchSpace:
+    """The space of the calibration, search, predictor and latency tests."""
+    return tiny_space
+
+
+@pytest.fixture(scope="session")
 def imagenet_space() -> SearchSpace:
     return SearchSpace.preset("mbv3-imagenet")
 

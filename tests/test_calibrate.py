@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from oqat import SearchSpace, build_supernet
+from oqat import build_supernet
 from oqat.calibrate import (CalibrationError, bn_layers, bn_state, calibration_batches, recalibrate_bn,
                             uninitialized_quantizers)
 from oqat.evaluate import DirectAccuracy, evaluate, measure
@@ -29,20 +29,6 @@ def _warm(net, space, bits=4, seed=0):
     net.set_arch(space.largest(bits))
     net.eval()
     return net
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine is small and shared: one intra-op thread avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def space():
-    return SearchSpace.preset("mbv3-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from oqat import SearchSpace
 from oqat.latency import build_table, load_table, pieces, predict_latency, save_table
 from oqat.search import Budget, CostModel, EvolutionSearch, SearchConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def space():
-    return SearchSpace.preset("mbv3-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,10 @@ import random
 import pytest
 import torch
 
-from oqat import SearchSpace, build_supernet
+from oqat import build_supernet
 from oqat.predictor import (Predictor, PredictorAccuracy, encode, encode_batch, encoding_size, fit_predictor,
                             kendall_tau, pearson, rmse, sample_distinct, split_holdout)
 from oqat.search import arch_key
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def space():
-    return SearchSpace.preset("mbv3-tiny")
 
 
 def test_kendall_tau_known_cases():

@@ -19,19 +19,6 @@ from oqat.search import (Budget, CachedAccuracy, CostModel, DistributedAccuracy,
                          write_search_outputs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def space():
-    return SearchSpace.preset("mbv3-tiny")
-
-
 class FakeAccuracy:
     """Deterministic accuracy: grows with log MACs, shrinks with depth, plus per-arch 'noise'
     derived from the canonical arch (so equal networks get equal accuracy). Counts calls."""
