@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from oqat.calibrate import recalibrate_bn
 from oqat.data import DataConfig, build_data, calibration_subset, make_loader
-from oqat.evaluate import evaluate
+from oqat.evaluate import measure
 from oqat.space import Arch
 from oqat.train import load_train_config, resolve_space, train
 
@@ -68,9 +67,7 @@ def main() -> None:
         archs.update({f"random{i}": space.sample(rng, cfg.bits) for i in range(args.random)})
     row = {"name": args.name, "overrides": args.overrides, "steps": result.steps, "train_s": round(seconds, 1)}
     for key, arch in archs.items():
-        sub = result.model.extract(arch)
-        recalibrate_bn(sub, calib, arch.r)
-        row[f"test_top1_{key}"] = round(evaluate(sub, test, arch.r)["top1"], 2)
+        row[f"test_top1_{key}"] = round(measure(result.model, arch, calib, test)["top1"], 2)
     if args.random:
         row["test_top1_random_mean"] = round(sum(row[f"test_top1_random{i}"] for i in range(args.random)) / args.random, 2)
     print(json.dumps(row))
