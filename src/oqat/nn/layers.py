@@ -146,7 +146,7 @@ class QConvBN(nn.Module):
             x = apply_activation_(x, input_act)
             input_act = None
         if self.act_quant is not None:
-            x = self.act_quant(x, act=input_act) if input_act is not None else self.act_quant(x)
+            x = self.act_quant(x, act=input_act)  # act=None: plain quantization
             weight = self.weight_quant(weight)
         groups = in_channels if self.depthwise else 1
         x = F.conv2d(x, weight, None, self.stride, kernel_size // 2, 1, groups)
