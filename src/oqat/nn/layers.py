@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import depthwise_conv2d
 from ..quant import LSQQuantizer
 from ..space import make_divisible
 
@@ -148,8 +149,8 @@ class QConvBN(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x, act=input_act)  # act=None: plain quantization
             weight = self.weight_quant(weight)
-        groups = in_channels if self.depthwise else 1
-        x = F.conv2d(x, weight, None, self.stride, kernel_size // 2, 1, groups)
+        x = (depthwise_conv2d(x, weight, self.stride, kernel_size // 2) if self.depthwise
+             else F.conv2d(x, weight, None, self.stride, kernel_size // 2))
         if self.bn is not None:
             x = self.bn(x)
         return self.act(x) if apply_act else x
