@@ -3,6 +3,7 @@ stage markers and skipping, recovery after an interruption, config errors, the r
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -69,6 +70,10 @@ def test_every_stage_runs_and_records_its_results(done_run):
                 assert c["costs"][metric] <= limit
             assert 0 <= c["holdout_top1"] <= 100 and 0 <= c["test_top1"] <= 100
             assert c["arch"]["bits"] == b
+            # the chosen subnet is the best of every subnet measured at this bit-width that fits
+            fitting = [float(row["accuracy"]) for row in csv.DictReader((out / f"search-{b}bit" / "evaluated.csv").open())
+                       if all(float(row[m]) <= limit for m, limit in c["budget"]["constraints"].items())]
+            assert c["holdout_top1"] == max(fitting)
     # the 2-bit search has the automatic budget at the baseline's BitOPs
     base = markers["baseline"]["results"]
     chosen2 = {c["budget"]["name"]: c for c in markers["search-2bit"]["results"]["chosen"]}

@@ -918,20 +918,20 @@ class Pipeline:
         search = EvolutionSearch(space, bits, accuracy, costs, config)
         extremes = {"largest": space.largest(bits), "smallest": space.smallest(bits)}
         holdout_ext = dict(zip(extremes, accuracy(list(extremes.values()))))
-        results = []
-        for b in budgets:
-            r = search.run(b, progress=self.progress)
-            # The largest and smallest subnets were measured too: the best subnet measured under the
-            # budget may be one of them (the evolution's random population rarely contains them).
-            for k, a in extremes.items():
-                if b.satisfied(costs(a)) and holdout_ext[k] > r.accuracy:
-                    r = dataclasses.replace(r, arch=a, accuracy=holdout_ext[k], costs=costs(a))
-            results.append(r)
-            if self.info.is_main:
-                self.echo(f"   {b}: best held-out top-1 {r.accuracy:.2f}% ({r.evaluations} subnets)")
+        results = [search.run(b, progress=self.progress) for b in budgets]
         evaluated: dict[str, tuple] = {}
         for a, acc in [(a, holdout_ext[k]) for k, a in extremes.items()] + [p for r in results for p in r.candidates]:
             evaluated.setdefault(json.dumps(space.canonical(a).to_dict(), sort_keys=True), (a, acc))
+        # Every subnet was measured the same way, so the best one under a budget is the best of all
+        # of them that fit it: another budget's search (or the largest/smallest subnet, which the
+        # random population rarely contains) may have found a better one than this budget's own.
+        for i, r in enumerate(results):
+            for a, acc in evaluated.values():
+                if acc > results[i].accuracy and r.budget.satisfied(costs(a)):
+                    results[i] = dataclasses.replace(results[i], arch=a, accuracy=acc, costs=costs(a))
+            if self.info.is_main:
+                self.echo(f"   {r.budget}: best held-out top-1 {results[i].accuracy:.2f}% "
+                          f"({r.evaluations} subnets searched, {len(evaluated)} measured in all)")
         meta = {"bits": bits, "ckpt": str(ckpt), "accuracy_source": context, "search": config.to_dict()}
         if self.info.is_main:
             write_search_outputs(d, space, results, list(evaluated.values()), costs, pareto_metrics=s.pareto, meta=meta)

@@ -18,25 +18,24 @@ from ..quant import LSQQuantizer
 from ..space import make_divisible
 
 
+# name -> (module class, functional form); both take ``inplace``
+_ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "h_swish": (nn.Hardswish, F.hardswish)}
+
+
+def _lookup(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation: {name!r} is not one of {list(_ACTIVATIONS)}") from None
+
+
 def activation(name: str | None) -> nn.Module:
-    if name is None:
-        return nn.Identity()
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    if name == "h_swish":
-        return nn.Hardswish(inplace=True)
-    raise ValueError(f"activation: {name!r} is not one of 'relu', 'h_swish'")
+    return nn.Identity() if name is None else _lookup(name)[0](inplace=True)
 
 
 def apply_activation_(x: torch.Tensor, name: str | None) -> torch.Tensor:
     """The activation `name` applied in place (x must be a fresh tensor, e.g. a BN output)."""
-    if name is None:
-        return x
-    if name == "relu":
-        return F.relu(x, inplace=True)
-    if name == "h_swish":
-        return F.hardswish(x, inplace=True)
-    raise ValueError(f"activation: {name!r} is not one of 'relu', 'h_swish'")
+    return x if name is None else _lookup(name)[1](x, inplace=True)
 
 
 def output_can_be_negative(act: str | None) -> bool:
