@@ -15,8 +15,8 @@ import torch
 from oqat import Arch, SearchSpace, build_supernet, cost
 from oqat.analyze import analyze, factors
 from oqat.search import (Budget, CachedAccuracy, CostModel, DistributedAccuracy, EvolutionSearch, SearchConfig,
-                         arch_key, check_budget_feasible, pareto_front, parse_number, random_search,
-                         write_search_outputs)
+                         arch_key, best_of_measured, check_budget_feasible, pareto_front, parse_number,
+                         random_search, write_search_outputs)
 
 
 class FakeAccuracy:
@@ -147,6 +147,28 @@ def test_every_returned_and_evaluated_arch_respects_its_budget(space):
         assert r.accuracy == pytest.approx(fake.one(r.arch))
         assert r.accuracy == max(acc for _, acc in r.candidates)
         assert r.history == sorted(r.history) and len(r.history) == SMALL["generations"] + 1
+
+
+def test_best_of_measured_takes_any_fitting_subnet_found_under_another_budget(space):
+    costs = CostModel(space)
+    small, large = Budget.parse(f"s:macs={_mid_budget(space, 'macs', 0.3):.0f}"), Budget.parse("l:macs=1e12")
+    fake = FakeAccuracy(space)
+    search = EvolutionSearch(space, 4, fake, costs, SearchConfig(population=6, generations=1, seed=0))
+    results = [search.run(b, progress=False) for b in (small, large)]
+    best_small = max(results[0].candidates, key=lambda p: p[1])
+    # a subnet that fits the small budget and beats everything measured, as if found elsewhere
+    found = max((space.sample(random.Random(i), 4) for i in range(400)),
+                key=lambda a: fake.one(a) if small.satisfied(costs(a)) else -1)
+    too_big, too_big_acc = space.largest(4), 1000.0  # the best of all, but fits only the large budget
+    assert fake.one(found) > best_small[1] and not small.satisfied(costs(too_big))
+    measured = [(too_big, too_big_acc), (found, fake.one(found))] + results[0].candidates + results[1].candidates
+    chosen = best_of_measured(results, measured, costs)
+    assert chosen[0].arch == found and chosen[0].accuracy == fake.one(found)
+    assert chosen[0].costs == costs(found) and small.satisfied(chosen[0].costs)
+    assert chosen[1].arch == too_big and chosen[1].accuracy == too_big_acc
+    assert [c.evaluations for c in chosen] == [r.evaluations for r in results]  # the search's own count
+    # nothing better that fits: the search's own choice stays (ties included)
+    assert best_of_measured(results[:1], results[0].candidates, costs)[0] == results[0]
 
 
 def test_search_improves_over_its_initial_population(space):

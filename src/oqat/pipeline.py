@@ -888,7 +888,7 @@ class Pipeline:
     def _run_search(self, stage: Stage, d: Path, resumed: bool) -> dict:
         from .evaluate import load_context
         from .search import (Budget, CachedAccuracy, Constraint, CostModel, DistributedAccuracy, EvolutionSearch,
-                             SearchConfig, check_budget_feasible, write_search_outputs)
+                             SearchConfig, best_of_measured, check_budget_feasible, write_search_outputs)
 
         spec = stage.spec
         bits = spec["bits"]
@@ -922,15 +922,10 @@ class Pipeline:
         evaluated: dict[str, tuple] = {}
         for a, acc in [(a, holdout_ext[k]) for k, a in extremes.items()] + [p for r in results for p in r.candidates]:
             evaluated.setdefault(json.dumps(space.canonical(a).to_dict(), sort_keys=True), (a, acc))
-        # Every subnet was measured the same way, so the best one under a budget is the best of all
-        # of them that fit it: another budget's search (or the largest/smallest subnet, which the
-        # random population rarely contains) may have found a better one than this budget's own.
-        for i, r in enumerate(results):
-            for a, acc in evaluated.values():
-                if acc > results[i].accuracy and r.budget.satisfied(costs(a)):
-                    results[i] = dataclasses.replace(results[i], arch=a, accuracy=acc, costs=costs(a))
-            if self.info.is_main:
-                self.echo(f"   {r.budget}: best held-out top-1 {results[i].accuracy:.2f}% "
+        results = best_of_measured(results, list(evaluated.values()), costs)  # other budgets' finds count too
+        if self.info.is_main:
+            for r in results:
+                self.echo(f"   {r.budget}: best held-out top-1 {r.accuracy:.2f}% "
                           f"({r.evaluations} subnets searched, {len(evaluated)} measured in all)")
         meta = {"bits": bits, "ckpt": str(ckpt), "accuracy_source": context, "search": config.to_dict()}
         if self.info.is_main:

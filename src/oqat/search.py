@@ -30,6 +30,7 @@ import math
 import random
 import re
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -425,6 +426,24 @@ class EvolutionSearch:
         return SearchResult(budget, best_arch, best_acc, self.costs(best_arch), history, len(seen), list(seen.values()))
 
 
+def best_of_measured(results: list[SearchResult], measured: Sequence[tuple[Arch, float]],
+                     costs: CostModel) -> list[SearchResult]:
+    """Each result's choice replaced by the most accurate of `measured` that fits its budget.
+
+    Searches under several budgets measure many subnets that fit more than one of them, and with
+    the same accuracy function a subnet found by one budget's search (or measured beforehand, like
+    the largest and smallest) is as good a choice for any budget it fits as the search's own best.
+    Ties keep the search's own choice; `evaluations` and `history` stay the search's own.
+    """
+    out = []
+    for r in results:
+        for arch, acc in measured:
+            if acc > r.accuracy and r.budget.satisfied(costs(arch)):
+                r = dataclasses.replace(r, arch=arch, accuracy=acc, costs=costs(arch))
+        out.append(r)
+    return out
+
+
 def random_search(space: SearchSpace, bits: int, accuracy: AccuracyFn, budget: Budget, evaluations: int, *,
                   costs: CostModel | None = None, seed: int = 0, max_tries: int = 5000,
                   batch: int = 64) -> SearchResult:
@@ -544,6 +563,7 @@ def write_search_outputs(out: str | Path, space: SearchSpace, results: list[Sear
 
 
 __all__ = ["AccuracyFn", "Budget", "CachedAccuracy", "Constraint", "CostModel", "DistributedAccuracy",
-           "EvolutionSearch", "METRICS", "SearchConfig", "SearchResult", "arch_key", "check_budget_feasible",
+           "EvolutionSearch", "METRICS", "SearchConfig", "SearchResult", "arch_key", "best_of_measured",
+           "check_budget_feasible",
            "is_main_process", "pareto_front", "parse_number", "random_search", "write_pareto",
            "write_search_outputs"]
