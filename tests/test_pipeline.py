@@ -17,6 +17,7 @@ from oqat import Arch, cost
 from oqat.checkpoint import load_checkpoint
 from oqat.pipeline import (Pipeline, StageMismatch, config_from_dict, load_run_config, parse_budget, read_marker,
                            run_pipeline, run_space)
+from oqat.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "configs" / "ci-tiny.yaml"
@@ -261,8 +262,9 @@ def test_shipped_configs_are_valid():
     """Every preset parses and validates (the ImageNet/CIFAR ones need no data for that)."""
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        if "stages" not in raw:
-            continue  # a plain `oqat train` config
+        if "stages" not in raw:  # a plain `oqat train` config
+            assert load_train_config(path).train.epochs >= 1, path
+            continue
         cfg, _ = load_run_config(path)
         pipe = Pipeline(cfg, "/nonexistent/run")
         assert [s.name for s in pipe.stages][:1] in (["fp"], [f"supernet-{cfg.stages.supernet.bits}bit"]), path
