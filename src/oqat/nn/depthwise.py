@@ -64,7 +64,6 @@ class _DepthwiseConv(torch.autograd.Function):
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
     """``F.conv2d(x, weight, None, stride, padding, groups=channels)`` with the CPU backward above."""
-    if x.device.type != "cpu" or not torch.is_grad_enabled() or x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
+    if x.device.type != "cpu" or not torch.is_grad_enabled():
         return F.conv2d(x, weight, None, stride, padding, 1, x.size(1))
     return _DepthwiseConv.apply(x.contiguous(), weight, stride, padding)
