@@ -888,7 +888,8 @@ class Pipeline:
     def _run_search(self, stage: Stage, d: Path, resumed: bool) -> dict:
         from .evaluate import load_context
         from .search import (Budget, CachedAccuracy, Constraint, CostModel, DistributedAccuracy, EvolutionSearch,
-                             SearchConfig, best_of_measured, check_budget_feasible, write_search_outputs)
+                             SearchConfig, arch_key, best_of_measured, check_budget_feasible,
+                             distinct_measured, write_search_outputs)
 
         spec = stage.spec
         bits = spec["bits"]
@@ -919,26 +920,25 @@ class Pipeline:
         extremes = {"largest": space.largest(bits), "smallest": space.smallest(bits)}
         holdout_ext = dict(zip(extremes, accuracy(list(extremes.values()))))
         results = [search.run(b, progress=self.progress) for b in budgets]
-        evaluated: dict[str, tuple] = {}
-        for a, acc in [(a, holdout_ext[k]) for k, a in extremes.items()] + [p for r in results for p in r.candidates]:
-            evaluated.setdefault(json.dumps(space.canonical(a).to_dict(), sort_keys=True), (a, acc))
-        results = best_of_measured(results, list(evaluated.values()), costs)  # other budgets' finds count too
+        evaluated = distinct_measured(space, [(a, holdout_ext[k]) for k, a in extremes.items()]
+                                      + [p for r in results for p in r.candidates])
+        results = best_of_measured(results, evaluated, costs)  # other budgets' finds count too
         if self.info.is_main:
             for r in results:
                 self.echo(f"   {r.budget}: best held-out top-1 {r.accuracy:.2f}% "
                           f"({r.evaluations} subnets searched, {len(evaluated)} measured in all)")
         meta = {"bits": bits, "ckpt": str(ckpt), "accuracy_source": context, "search": config.to_dict()}
         if self.info.is_main:
-            write_search_outputs(d, space, results, list(evaluated.values()), costs, pareto_metrics=s.pareto, meta=meta)
+            write_search_outputs(d, space, results, evaluated, costs, pareto_metrics=s.pareto, meta=meta)
         del ctx
         # Test split: the final figures of the largest, smallest and chosen subnets.
         tctx = load_context(ckpt, split="test", eval_images=s.test_images, **kw)
+        key = lambda a: arch_key(space, a)  # noqa: E731
         to_test: dict[str, Arch] = {}
         for a in list(extremes.values()) + [r.arch for r in results]:
-            to_test.setdefault(json.dumps(space.canonical(a).to_dict(), sort_keys=True), a)
+            to_test.setdefault(key(a), a)
         test_fn = DistributedAccuracy(tctx.accuracy_fn())
         test_acc = dict(zip(to_test, test_fn(list(to_test.values()))))
-        key = lambda a: json.dumps(space.canonical(a).to_dict(), sort_keys=True)  # noqa: E731
         supernet = {k: {"arch": a.to_dict(), "holdout_top1": holdout_ext[k], "test_top1": test_acc[key(a)],
                         "costs": _costs(space, a)} for k, a in extremes.items()}
         chosen = [{"budget": r.budget.to_dict(), "arch": r.arch.to_dict(), "holdout_top1": r.accuracy,

@@ -24,13 +24,13 @@ so no subnet is measured twice, and can persist them to a JSONL file that later 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
 import random
 import re
-from collections.abc import Sequence
-import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -426,6 +426,14 @@ class EvolutionSearch:
         return SearchResult(budget, best_arch, best_acc, self.costs(best_arch), history, len(seen), list(seen.values()))
 
 
+def distinct_measured(space: SearchSpace, pairs: Iterable[tuple[Arch, float]]) -> list[tuple[Arch, float]]:
+    """(arch, accuracy) pairs with each network once (its first occurrence), by `arch_key`."""
+    seen: dict[str, tuple[Arch, float]] = {}
+    for arch, acc in pairs:
+        seen.setdefault(arch_key(space, arch), (arch, acc))
+    return list(seen.values())
+
+
 def best_of_measured(results: list[SearchResult], measured: Sequence[tuple[Arch, float]],
                      costs: CostModel) -> list[SearchResult]:
     """Each result's choice replaced by the most accurate of `measured` that fits its budget.
@@ -564,6 +572,5 @@ def write_search_outputs(out: str | Path, space: SearchSpace, results: list[Sear
 
 __all__ = ["AccuracyFn", "Budget", "CachedAccuracy", "Constraint", "CostModel", "DistributedAccuracy",
            "EvolutionSearch", "METRICS", "SearchConfig", "SearchResult", "arch_key", "best_of_measured",
-           "check_budget_feasible",
-           "is_main_process", "pareto_front", "parse_number", "random_search", "write_pareto",
+           "check_budget_feasible", "distinct_measured", "is_main_process", "pareto_front", "parse_number", "random_search", "write_pareto",
            "write_search_outputs"]

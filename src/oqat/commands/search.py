@@ -41,8 +41,8 @@ def run(args) -> int:
     from ..distributed import current, init_from_env
     from ..evaluate import resolve_device
     from ..search import (Budget, CachedAccuracy, CostModel, DistributedAccuracy, EvolutionSearch, METRICS,
-                          SearchConfig, best_of_measured, check_budget_feasible, is_main_process, random_search,
-                          write_search_outputs)
+                          SearchConfig, best_of_measured, check_budget_feasible, distinct_measured, is_main_process,
+                          random_search, write_search_outputs)
 
     if not args.ckpt and not args.predictor:
         raise ValueError("give --ckpt (direct evaluation) and/or --predictor")
@@ -99,18 +99,14 @@ def run(args) -> int:
         if args.random_baseline:
             baselines.append(random_search(space, bits, accuracy, b, r.evaluations, costs=costs, seed=args.seed))
 
-    def distinct(runs):
-        seen = {}
-        for r in runs:
-            for a, acc in r.candidates:
-                seen.setdefault(json.dumps(space.canonical(a).to_dict(), sort_keys=True), (a, acc))
-        return seen
+    def measured_by(runs):
+        return distinct_measured(space, [p for r in runs for p in r.candidates])
 
     # each budget's choice: the best subnet found by any budget's search that fits it (the random
     # baselines likewise among their own samples, so the comparison stays like for like)
-    results = best_of_measured(results, list(distinct(results).values()), costs)
-    baselines = best_of_measured(baselines, list(distinct(baselines).values()), costs)
-    evaluated = distinct(results + baselines)
+    results = best_of_measured(results, measured_by(results), costs)
+    baselines = best_of_measured(baselines, measured_by(baselines), costs)
+    evaluated = measured_by(results + baselines)
 
     measured = {}
     if args.predictor and ctx is not None:  # predicted best subnets, measured for real
@@ -120,7 +116,7 @@ def run(args) -> int:
 
     meta = {"bits": bits, "ckpt": args.ckpt, "accuracy_source": source, "search": config.to_dict()}
     if is_main_process():
-        summary = write_search_outputs(out, space, results, list(evaluated.values()), costs, pareto_metrics=pareto,
+        summary = write_search_outputs(out, space, results, evaluated, costs, pareto_metrics=pareto,
                                        meta=meta)
         if baselines or measured or direct is not None:
             summary["random_baseline"] = [x.to_dict() for x in baselines]

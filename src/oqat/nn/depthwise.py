@@ -22,12 +22,18 @@ import torch.nn.functional as F
 _SMALL_MAP = 16   # input side at or below which the "batch as channels" weight gradient is fastest
 
 
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                   which: int) -> torch.Tensor:
+    """One gradient of a depthwise convolution from PyTorch's kernel: 0 = input, 1 = weight."""
+    mask = [which == 0, which == 1, False]
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
+                                               [0, 0], weight.size(0), mask)[which]
+
+
 def _grad_weight(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
     channels, _, k, _ = weight.shape
     if k <= 3:
-        return torch.ops.aten.convolution_backward(
-            grad, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0], channels,
-            [False, True, False])[1]
+        return _conv_backward(grad, x, weight, stride, padding, 1)
     if x.size(-1) <= _SMALL_MAP and x.size(-2) <= _SMALL_MAP:
         n = x.size(0)
         xp = F.pad(x, (padding,) * 4)
@@ -36,9 +42,8 @@ def _grad_weight(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stri
         out = F.conv2d(xp, kernel, dilation=stride, groups=channels * n)
         return out.view(channels, n, *out.shape[-2:])[:, :, :k, :k].sum(1).unsqueeze(1)
     cl = torch.channels_last
-    return torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, [stride, stride],
-        [padding, padding], [1, 1], False, [0, 0], channels, [False, True, False])[1].contiguous()
+    return _conv_backward(grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, stride, padding,
+                          1).contiguous()
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -54,9 +59,7 @@ class _DepthwiseConv(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], x.size(1),
-                [True, False, False])[0]
+            grad_x = _conv_backward(grad, x, weight, ctx.stride, ctx.padding, 0)
         if ctx.needs_input_grad[1]:
             grad_w = _grad_weight(x, grad, weight, ctx.stride, ctx.padding)
         return grad_x, grad_w, None, None
