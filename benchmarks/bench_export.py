@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from oqat import Arch, SearchSpace, build_supernet, cost
+from oqat.calibrate import recalibrate_bn
 from oqat.checkpoint import load_checkpoint
-from oqat.export.pipeline import export_subnet, load_subnet
+from oqat.export.pipeline import deployable_from_checkpoint, export_subnet
 from oqat.export.verify import VerificationError, ort_session
 
 OQA_README = dict(ks=[3, 3, 5, 3, 3, 5, 5, 7, 3, 5, 5, 3, 5, 5, 3, 5, 3, 5, 7, 5],
@@ -43,7 +44,7 @@ OQA_README = dict(ks=[3, 3, 5, 3, 3, 5, 5, 7, 3, 5, 5, 3, 5, 5, 3, 5, 3, 5, 7, 5
 
 
 def fresh_subnet(space: SearchSpace, arch: Arch, seed: int, train_steps: int = 0):
-    """(subnet, config) of a new supernet: steps initialised, optionally trained for
+    """(subnet, config, calibration record) of a new supernet: steps initialised, optionally trained for
     `train_steps` SGD steps on synthetic data (then config names that data, so verification
     uses its held-out images), BN statistics re-estimated on the subnet."""
     from oqat import data as D
@@ -73,16 +74,10 @@ def fresh_subnet(space: SearchSpace, arch: Arch, seed: int, train_steps: int = 0
             opt.step()
         config = {"data": cfg.to_dict()}
         calib = [D.resize_batch(x[i:i + 64], arch.r) for i in range(0, 256, 64)]
-    with torch.no_grad():
-        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        for batch in calib:
-            net(batch)
-        for bn in bns:
-            bn.momentum = 0.1
-    return net.extract(arch).eval(), config
+    sub = net.extract(arch).eval()
+    images = recalibrate_bn(sub, calib)
+    calibration = {"recalibrated": True, "split": "synthetic" if train_steps else "random inputs", "images": images}
+    return sub, config, calibration
 
 
 def latency_ms(path: Path, shape: tuple[int, ...], runs: int, threads: int, fold: bool = True) -> float:
@@ -143,11 +138,13 @@ def main(argv=None) -> int:
     rows = []
     for bits in bits_list:
         arch = base.replace(bits=bits)
-        if bits in ckpts:
-            sub, ck = load_subnet(ckpts[bits], arch)
-            config, origin = ck.config, f"checkpoint {ckpts[bits]}"
+        calibration = verification = None
+        if bits in ckpts:  # BN re-calibrated on held-out images, as oqat export does by default
+            dep = deployable_from_checkpoint(ckpts[bits], arch, verify_images=args.verify_images, verify_seed=args.seed)
+            sub, config, calibration, verification = dep.sub, dep.ckpt.config, dep.calibration, dep.verification
+            origin = f"checkpoint {ckpts[bits]}"
         else:
-            sub, config = fresh_subnet(space, arch, args.seed, args.train_steps)
+            sub, config, calibration = fresh_subnet(space, arch, args.seed, args.train_steps)
             origin = (f"fresh supernet, subnet trained {args.train_steps} steps on synthetic data"
                       if args.train_steps else "fresh random supernet")
         tag = "fp32" if bits == 32 else f"{bits}bit"
@@ -155,7 +152,7 @@ def main(argv=None) -> int:
                "analytic_KiB": cost.size_bits(space, arch) / 8 / 1024}
         try:
             res = export_subnet(sub, out / f"{tag}.onnx", "onnx", config=config, verify_images=args.verify_images,
-                                seed=args.seed, progress=False)
+                                seed=args.seed, progress=False, calibration=calibration, verification=verification)
             report = res.report
         except VerificationError as exc:
             report = exc.report

@@ -24,7 +24,8 @@ from onnx import numpy_helper
 from oqat import SearchSpace, build_supernet
 from oqat.checkpoint import Checkpoint
 from oqat.cli import main
-from oqat.export import (ExportedModel, Preprocessing, build_onnx, export_subnet, load_image, load_packed,
+from oqat.export import (ExportedModel, Preprocessing, build_onnx, deployable_from_checkpoint, export_subnet,
+                         load_image, load_packed,
                          pack_bits, predict_files, read_onnx_info, read_packed_info, save_packed, unpack_bits,
                          verify_models, verify_onnx)
 from oqat.export.meta import model_info, preprocessing_for
@@ -395,11 +396,15 @@ def test_cli_export_onnx_full_precision_and_predict(ckpt, tmp_path, capsys):
     info = read_onnx_info(out)
     assert info["accuracy"] == 0.61 and info["class_names"][:2] == ["class0", "class1"]
     assert info["source"]["checkpoint"] == str(ckpt(32)) and info["arch"]["bits"] == 32
+    # the defaults of oqat eval: every held-out image (48 < 2000) in batches of 100, seed 0
+    assert info["bn_calibration"] == {"recalibrated": True, "split": "holdout", "images": 48, "batch": 100,
+                                      "seed": 0, "data": "synthetic"} == result["bn_calibration"]
     images = _images(tmp_path)
     rc = main(["predict", str(out), *map(str, images), "--top", "2", "--json"])
     preds = json.loads(capsys.readouterr().out)
     assert rc == 0 and [p["file"] for p in preds] == list(map(str, images))
-    expected = _expected_probs(_sub(32), ExportedModel(out).preprocessing, images)
+    measured = deployable_from_checkpoint(ckpt(32), _arch(32)).sub        # what oqat eval measures
+    expected = _expected_probs(measured, ExportedModel(out).preprocessing, images)
     for p, e in zip(preds, expected):
         assert p["class"] == int(e.argmax()) and p["name"] == f"class{p['class']}"
         assert abs(p["probability"] - e.max()) < 1e-5 and len(p["top"]) == 2
@@ -407,12 +412,17 @@ def test_cli_export_onnx_full_precision_and_predict(ckpt, tmp_path, capsys):
 
 def test_cli_export_packed_and_predict(ckpt, tmp_path, capsys):
     out = tmp_path / "m.oqat"
-    rc = main(["export", "--ckpt", str(ckpt(3, data=False)), "--arch", str(_arch_file(tmp_path, 3)),
-               "--format", "oqat", "-o", str(out), "--verify-images", "8"])
+    args = ["export", "--ckpt", str(ckpt(3, data=False)), "--arch", str(_arch_file(tmp_path, 3)),
+            "--format", "oqat", "-o", str(out), "--verify-images", "8"]
+    assert main(args) == 2 and not out.exists()                  # no data: no re-calibration, so refused
+    err = capsys.readouterr().err
+    assert "no 'data' section" in err and "--no-recalibrate" in err and "c3.pt" in err
+    assert main(args + ["--no-recalibrate"]) == 0 and out.is_file()
     text = capsys.readouterr().out
-    assert rc == 0 and out.is_file()
     assert "packed round trip" in text and "PASSED" in text and "random standard-normal" in text
     assert "no data config" in text                              # the note about defaults
+    assert "NOT re-calibrated" in text
+    assert read_packed_info(out)["bn_calibration"] == {"recalibrated": False, "reason": "--no-recalibrate"}
     images = _images(tmp_path, 2)
     rc = main(["predict", str(out), *map(str, images), "--json"])
     preds = json.loads(capsys.readouterr().out)
@@ -447,19 +457,6 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     assert rc == 2 and "nope.png: image file not found" in capsys.readouterr().err
     rc = main(["predict", str(tmp_path / "nomodel.onnx"), str(tmp_path / "nope.png")])
     assert rc == 2 and "nomodel.onnx: model file not found" in capsys.readouterr().err
-
-
-def test_verification_inputs_without_oqat_data(monkeypatch):
-    import sys
-
-    from oqat.export.verify import verification_inputs
-
-    import oqat
-
-    monkeypatch.delattr(oqat, "data", raising=False)
-    monkeypatch.setitem(sys.modules, "oqat.data", None)          # import fails
-    x, desc, names, note = verification_inputs({"data": dict(SYNTHETIC)}, SPACE, 24, 5)
-    assert x.shape == (5, 3, 24, 24) and names is None and "oqat.data is not available" in desc
 
 
 def test_predict_files_batches_and_top_k(tmp_path):

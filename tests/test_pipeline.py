@@ -94,6 +94,35 @@ def test_every_stage_runs_and_records_its_results(done_run):
         assert row["latency_ms_torch"] > 0 and row["latency_ms_onnx"] > 0
 
 
+def test_each_exported_file_scores_what_its_report_row_says(done_run):
+    """The files are the measured subnets: each one's own test top-1 (run as deployed) equals the
+    search's figure for its subnet, which the report prints beside it."""
+    from oqat.evaluate import load_context
+    from oqat.export import ExportedModel, read_onnx_info
+
+    out, _, _ = done_run
+    export = read_marker(out / "export")["results"]
+    s = _raw()["stages"]["search"]
+    md = (out / "report.md").read_text()
+    rows = [r for r in export["exports"] if not r.get("same_as")]
+    assert rows
+    for row in rows:
+        ckpt = out / f"supernet-{row['bits']}bit" / "final.pt"
+        test = load_context(ckpt, split="test", calib_images=s["calib_images"], calib_batch=s["calib_batch"],
+                            eval_images=s["test_images"])
+        for fmt, f in row["files"].items():
+            scored = ExportedModel(out / f["path"]).top1(test.eval_data)
+            assert scored["n"] == s["test_images"] == f["test_images"]
+            assert scored["top1"] == pytest.approx(f["test_top1"])
+            assert abs(f["test_top1"] - row["search_test_top1"]) <= 0.2, (fmt, row["budget"])
+            assert abs(f["holdout_top1_file"] - f["holdout_top1_torch"]) <= 0.2
+            line = next(x for x in md.splitlines() if f"[{Path(f['path']).name}]" in x and "passed" in x)
+            assert f"| {f['test_top1']:.2f} | {row['search_test_top1']:.2f} |" in line
+        info = read_onnx_info(out / row["files"]["onnx"]["path"])
+        assert info["bn_calibration"] == {"recalibrated": True, "split": "holdout", "images": s["calib_images"],
+                                          "batch": s["calib_batch"], "seed": 0, "data": "synthetic"}
+
+
 def test_report_is_complete_and_self_contained(done_run):
     out, _, _ = done_run
     md = (out / "report.md").read_text()

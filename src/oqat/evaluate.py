@@ -14,6 +14,7 @@ Accuracies are percentages (0..100) everywhere in this module and in search outp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -122,19 +123,32 @@ def prepare_subnet(net: nn.Module, arch: Arch | None) -> nn.Module:
     return net
 
 
+def deployable_subnet(net: nn.Module, arch: Arch | None, calib: Any, *, calib_images: int | None = None,
+                      calib_batch: int = DEFAULT_CALIB_BATCH, seed: int = 0) -> tuple[nn.Module, int]:
+    """The subnet `arch` of the supernet `net` as it is measured and deployed: extracted, with its
+    BN statistics re-estimated on `calib` (the supernet's running statistics belong to no subnet).
+
+    Every measurement (search, eval, report) and every export goes through this function, so an
+    exported file is the model whose accuracy was reported. Returns (subnet in eval mode,
+    calibration images used); the supernet itself is not modified.
+    """
+    sub = prepare_subnet(net, arch)
+    resolution = arch.r if arch is not None else None
+    used = recalibrate_bn(sub, calib, resolution, num_images=calib_images, batch_size=calib_batch, seed=seed)
+    return sub.eval(), used
+
+
 def measure(net: nn.Module, arch: Arch | None, calib: Any, eval_data: Iterable, *,
             calib_images: int | None = None, calib_batch: int = DEFAULT_CALIB_BATCH, seed: int = 0,
             max_eval_images: int | None = None) -> dict:
-    """Extract `arch` from the supernet `net`, re-calibrate its BN on `calib`, evaluate it.
+    """:func:`deployable_subnet` of `arch`, then its accuracy on `eval_data`.
 
     Returns evaluate()'s dict plus ``seconds`` (calibration + evaluation) and ``calib_images``.
     The supernet's own weights and statistics are not touched.
     """
     start = time.perf_counter()
-    sub = prepare_subnet(net, arch)
-    resolution = arch.r if arch is not None else None
-    used = recalibrate_bn(sub, calib, resolution, num_images=calib_images, batch_size=calib_batch, seed=seed)
-    out = evaluate(sub, eval_data, resolution, max_images=max_eval_images)
+    sub, used = deployable_subnet(net, arch, calib, calib_images=calib_images, calib_batch=calib_batch, seed=seed)
+    out = evaluate(sub, eval_data, arch.r if arch is not None else None, max_images=max_eval_images)
     out["calib_images"] = used
     out["seconds"] = time.perf_counter() - start
     return out
@@ -183,6 +197,7 @@ class EvalContext:
     split: str
     device: torch.device
     settings: dict = field(default_factory=dict)
+    data: Any = None               # the oqat.data.Data the batches came from
 
     @property
     def space(self):
@@ -194,6 +209,33 @@ class EvalContext:
 
     def accuracy_fn(self) -> DirectAccuracy:
         return DirectAccuracy(self.net, self.calib, self.eval_data, calib_batch=self.settings["calib_batch"])
+
+    def deployable(self, arch: Arch) -> nn.Module:
+        """:func:`deployable_subnet` of `arch` with this context's calibration batches."""
+        return deployable_subnet(self.net, arch, self.calib, calib_batch=self.settings["calib_batch"])[0]
+
+    def calibration(self) -> dict:
+        """How this context re-calibrates BN: the record stored in every exported file's metadata."""
+        return {"recalibrated": True, "split": "holdout", "images": self.settings["calib_images"],
+                "batch": self.settings["calib_batch"], "seed": self.settings["calib_seed"],
+                "data": self.settings["data"]["name"]}
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.data.classes) if self.data is not None else ()
+
+    def with_split(self, split: str, eval_images: int | None = None, seed: int | None = None,
+                   batch_size: int = DEFAULT_EVAL_BATCH) -> "EvalContext":
+        """The same supernet and calibration batches, measured on another split (or subset)."""
+        seed = self.settings["calib_seed"] if seed is None else seed
+        eval_set, eval_data = _eval_data(self.data, split, eval_images, seed, batch_size, self.device)
+        return dataclasses.replace(self, split=split, eval_data=eval_data,
+                                   settings={**self.settings, "eval_images": len(eval_set)})
+
+    def eval_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation images (at the data's native size) and labels as two tensors."""
+        batches = list(self.eval_data)
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
     def fingerprint(self) -> dict:
         """What a cached measurement depends on (checkpoint, data, calibration settings)."""
@@ -242,13 +284,14 @@ def _subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
 def load_context(ckpt_path: str | Path, *, split: str = "holdout", calib_images: int = DEFAULT_CALIB_IMAGES,
                  calib_batch: int = DEFAULT_CALIB_BATCH, calib_seed: int = 0, eval_images: int | None = None,
                  batch_size: int = DEFAULT_EVAL_BATCH, device: str | None = "cpu", data: str | None = None,
-                 data_root: str | None = None, workers: int = 0) -> EvalContext:
+                 data_root: str | None = None, workers: int = 0, eval_seed: int | None = None) -> EvalContext:
     """Load a supernet checkpoint and its evaluation data.
 
     Calibration images always come from the held-out split (a fixed seeded subset of
     `calib_images`); `split` ("holdout" or "test") is what accuracy is measured on, optionally
-    limited to a fixed seeded subset of `eval_images`. Both are read once into memory when
-    they fit, so that measuring many subnets does not re-read the data.
+    limited to a fixed seeded subset of `eval_images` (seeded by `eval_seed`, default
+    `calib_seed`). Both are read once into memory when they fit, so that measuring many subnets
+    does not re-read the data.
     """
     from .checkpoint import load_supernet
     from .data import build_data
@@ -270,18 +313,27 @@ def load_context(ckpt_path: str | Path, *, split: str = "holdout", calib_images:
         raise ValueError(f"{ckpt_path}: data {cfg.name} has {d.in_channels} channels / {d.num_classes} classes, "
                          f"the checkpoint's space {ckpt.space.in_channels} / {ckpt.space.num_classes}")
     calib = [x.to(dev) for x in calibration_batches(d.holdout, calib_images, calib_batch, calib_seed)]
-    eval_set = _subset(d.holdout if split == "holdout" else d.test, eval_images, calib_seed)
-    loader = DataLoader(eval_set, batch_size=batch_size, shuffle=False, num_workers=cfg.workers)
-    eval_data = load_batches(loader, dev)
+    eval_set, eval_data = _eval_data(d, split, eval_images, calib_seed if eval_seed is None else eval_seed,
+                                     batch_size, dev, cfg.workers)
     settings = {"calib_images": sum(x.size(0) for x in calib), "calib_batch": calib_batch,
                 "calib_seed": calib_seed, "eval_images": len(eval_set), "data": cfg.to_dict()}
     return EvalContext(net=net, ckpt=ckpt, calib=calib, eval_data=eval_data, split=split, device=dev,
-                       settings=settings)
+                       settings=settings, data=d)
+
+
+def _eval_data(d: Any, split: str, images: int | None, seed: int, batch_size: int, device: torch.device,
+               workers: int = 0) -> tuple[Dataset, Any]:
+    """(the seeded evaluation subset of `split`, its batches in memory or a loader)."""
+    if split not in ("holdout", "test"):
+        raise ValueError(f"--split: {split!r} is not one of 'holdout', 'test'")
+    eval_set = _subset(d.holdout if split == "holdout" else d.test, images, seed)
+    loader = DataLoader(eval_set, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return eval_set, load_batches(loader, device)
 
 
 def cost_summary(space, arch: Arch) -> dict:
     return cost.summary(space, arch)
 
 
-__all__ = ["DirectAccuracy", "EvalContext", "cost_summary", "data_config_from_checkpoint", "evaluate",
+__all__ = ["DirectAccuracy", "EvalContext", "cost_summary", "data_config_from_checkpoint", "deployable_subnet", "evaluate",
            "load_batches", "load_context", "measure", "prepare_subnet", "resolve_device"]

@@ -616,7 +616,9 @@ class Pipeline:
                                 + (self._schedule(tc) if explicit else "as many epochs as the whole OQAT run"),
                                 spec, [] if explicit else list(train_names)))
         if st.export.enabled and s.enabled:
-            spec = {**to_dict(st.export)}
+            # bn_recalibration: files are exported BN-re-calibrated as the search measured them
+            # (earlier runs exported the supernet's statistics; their export stage must not be reused).
+            spec = {**to_dict(st.export), "bn_recalibration": "as the search"}
             spec.pop("enabled", None)
             spec.pop("latency_runs", None)
             stages.append(Stage("export", "export", f"export of the chosen subnets ({', '.join(st.export.formats)})"
@@ -959,32 +961,42 @@ class Pipeline:
 
     # ------------------------------------------------------------------ export
     def _run_export(self, stage: Stage, d: Path, resumed: bool) -> dict:
-        from .export.pipeline import export_subnet, load_subnet, unverified_path
+        from .evaluate import load_context
+        from .export.pipeline import context_verification, export_subnet, unverified_path
+        from .export.predict import ExportedModel
         from .export.verify import VerificationError
+        from .search import arch_key
 
-        e = self.cfg.stages.export
+        e, s = self.cfg.stages.export, self.cfg.stages.search
         d.mkdir(parents=True, exist_ok=True)
         done: dict[str, dict] = {}
         rows = []
         for sname in stage.inputs:
             res = self.markers[sname]["results"]
             ckpt = self.out / res["checkpoint"]
+            # Each subnet is exported as the search measured it: BN re-calibrated on the same
+            # held-out images (count, batch, seed); the file is then scored on the same test images.
+            ctx = load_context(ckpt, split="holdout", calib_images=s.calib_images, calib_batch=s.calib_batch,
+                               calib_seed=s.seed, eval_images=e.verify_images, device="cpu")
+            test = ctx.with_split("test", s.test_images)
             for c in res["chosen"]:
                 arch = Arch.from_dict(c["arch"])
-                k = json.dumps(arch.to_dict(), sort_keys=True)
-                row = {"bits": arch.bits, "budget": c["budget"]["name"], "arch": arch.to_dict()}
+                k = arch_key(ctx.space, arch)
+                row = {"bits": arch.bits, "budget": c["budget"]["name"], "arch": arch.to_dict(),
+                       "search_test_top1": c["test_top1"]}
                 if k in done:
-                    rows.append({**row, **{f: v for f, v in done[k].items()}, "same_as": done[k]["first_budget"]})
+                    rows.append({**row, **done[k], "same_as": done[k]["first_budget"]})
                     continue
-                sub, ck = load_subnet(ckpt, arch)
+                sub = ctx.deployable(arch)
+                verification = context_verification(ctx, arch)
                 base = f"{arch.bits}bit-{c['budget']['name']}"
                 files = {}
                 for fmt in e.formats:
                     path = d / f"{base}.{'onnx' if fmt == 'onnx' else 'oqat'}"
                     try:
-                        r = export_subnet(sub, path, fmt, config=ck.config, verify_images=e.verify_images,
-                                          seed=self.cfg.stages.search.seed, accuracy=c["test_top1"],
-                                          source={"checkpoint": str(ckpt), "step": ck.step, "run": str(self.out)},
+                        r = export_subnet(sub, path, fmt, config=ctx.ckpt.config, verification=verification,
+                                          calibration=ctx.calibration(), accuracy=c["test_top1"],
+                                          source={"checkpoint": str(ckpt), "step": ctx.ckpt.step, "run": str(self.out)},
                                           opset=e.opset, weights=e.onnx_weights, progress=False)
                     except VerificationError as exc:
                         # Recorded and reported, not fatal: the other subnets and the report still come.
@@ -996,20 +1008,22 @@ class Pipeline:
                                       "top1_agreement": rep.top1_agreement if rep is not None else None, "notes": []}
                         self.echo(f"   WARNING: {exc}")
                         continue
-                    files[fmt] = {"path": str(path.relative_to(self.out)), "size_bytes": r.size,
-                                  "verified": r.report.ok if r.report is not None else None,
-                                  "verification": r.report.summary() if r.report is not None else None,
-                                  "top1_agreement": r.report.top1_agreement if r.report is not None else None,
-                                  "notes": r.notes}
-                    self.echo(f"   wrote {path.relative_to(self.out)} ({r.size / 1024:.1f} KiB), verification "
-                              f"{'passed' if files[fmt]['verified'] else 'skipped'}")
+                    scored = ExportedModel(path).top1(test.eval_data)
+                    rep = r.report
+                    files[fmt] = {"path": str(path.relative_to(self.out)), "size_bytes": r.size, "verified": rep.ok,
+                                  "verification": rep.summary(), "top1_agreement": rep.top1_agreement,
+                                  "holdout_top1_file": rep.exported_top1, "holdout_top1_torch": rep.reference_top1,
+                                  "test_top1": scored["top1"], "test_images": scored["n"], "notes": r.notes}
+                    self.echo(f"   wrote {path.relative_to(self.out)} ({r.size / 1024:.1f} KiB), verification passed; "
+                              f"the file's test top-1 {scored['top1']:.2f}% (search: {c['test_top1']:.2f}%)")
                 lat = {}
                 if e.latency:
                     lat = self._latency(sub, arch, files, e.latency_runs)
                 info = {"files": files, **lat, "first_budget": c["budget"]["name"]}
                 done[k] = info
                 rows.append({**row, **info})
-        return {"exports": rows}
+            del ctx, test
+        return {"exports": rows, "calib_images": s.calib_images, "calib_batch": s.calib_batch, "calib_seed": s.seed}
 
     def _latency(self, sub, arch: Arch, files: dict, runs: int) -> dict:
         import torch

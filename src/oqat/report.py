@@ -360,7 +360,7 @@ def build_blocks(run_dir: Path, pipe) -> list[Block]:
             detail = f"{r['evaluated']} subnets measured" + (f", {spe:.2f} s each" if spe else "") + (
                 f" ({r['cache_reused']} from the cache)" if r.get("cache_reused") else "")
         elif s.kind == "export" and r:
-            detail = f"{len({json.dumps(x['arch'], sort_keys=True) for x in r['exports']})} distinct subnets"
+            detail = f"{sum(1 for x in r['exports'] if not x.get('same_as'))} distinct subnets"
         rows.append([s.name, s.title, "done" if m else "pending", fmt_s(m.get("wall_s")) if m else "–", detail])
     rows.append(["total", "", "", fmt_s(total), ""])
     blocks.append(Block("table", headers=["stage", "what", "state", "wall time", "work"], rows=rows,
@@ -437,12 +437,21 @@ def build_blocks(run_dir: Path, pipe) -> list[Block]:
                 agree = f.get("top1_agreement")
                 ver.append([Link(Path(f["path"]).name, f["path"]), fmt, f"{f['size_bytes'] / 1024:.1f}",
                             {True: "passed", False: "FAILED", None: "skipped"}[f.get("verified")],
-                            "–" if agree is None else f"{100 * agree:.2f}%"])
+                            "–" if agree is None else f"{100 * agree:.2f}%",
+                            f"{pct(f.get('holdout_top1_file'))} / {pct(f.get('holdout_top1_torch'))}",
+                            pct(f.get("test_top1")), pct(ex.get("search_test_top1"))])
         if ver:
-            blocks.append(Block("p", "Exported models, each checked against the PyTorch subnet on held-out images "
-                                     "(`oqat export` verification):"))
-            blocks.append(Block("table", headers=["file", "format", "KiB", "verification", "top-1 agreement"],
-                                rows=ver, align=["l", "l", "r", "l", "r"]))
+            exp = markers["export"]["results"]
+            blocks.append(Block("p", f"Exported models. Each file is the subnet as the search measured it (BN "
+                                     f"re-calibrated on {exp.get('calib_images')} held-out images, batch "
+                                     f"{exp.get('calib_batch')}, seed {exp.get('calib_seed')}), checked against the "
+                                     f"PyTorch subnet on held-out images (`oqat export` verification), then scored on "
+                                     f"its own on the test images as deployed (onnxruntime for ONNX, the rebuilt "
+                                     f"model for .oqat) next to the search's test figure for the same subnet."))
+            blocks.append(Block("table", headers=["file", "format", "KiB", "verification", "top-1 agreement",
+                                                  ["held-out top-1", "file / PyTorch"], ["test top-1", "the file"],
+                                                  ["test top-1", "search"]],
+                                rows=ver, align=["l", "l", "r", "l", "r", "r", "r", "r"]))
 
     # -- baseline
     if baseline is not None:

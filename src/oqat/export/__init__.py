@@ -4,11 +4,11 @@ low-bit weights and inference on image files. See docs/export.md."""
 from .meta import Preprocessing, model_info, preprocessing_for
 from .onnx import build_onnx, export_onnx, read_onnx_info
 from .packed import load_packed, pack_bits, read_packed_info, save_packed, unpack_bits
-from .pipeline import ExportResult, export_subnet, load_subnet
+from .pipeline import Deployable, ExportResult, deployable_from_checkpoint, export_subnet
 from .predict import ExportedModel, load_image, predict_files
-from .verify import VerificationError, VerifyReport, verification_inputs, verify_models, verify_onnx
+from .verify import VerificationData, VerificationError, VerifyReport, verification_inputs, verify_models, verify_onnx
 
 __all__ = ["Preprocessing", "model_info", "preprocessing_for", "build_onnx", "export_onnx", "read_onnx_info",
-           "load_packed", "pack_bits", "read_packed_info", "save_packed", "unpack_bits", "ExportResult",
-           "export_subnet", "load_subnet", "ExportedModel", "load_image", "predict_files", "VerificationError",
-           "VerifyReport", "verification_inputs", "verify_models", "verify_onnx"]
+           "load_packed", "pack_bits", "read_packed_info", "save_packed", "unpack_bits", "Deployable", "ExportResult",
+           "deployable_from_checkpoint", "export_subnet", "ExportedModel", "load_image", "predict_files", "VerificationData",
+           "VerificationError", "VerifyReport", "verification_inputs", "verify_models", "verify_onnx"]

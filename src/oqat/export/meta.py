@@ -131,8 +131,12 @@ def check_initialized(model: nn.Module) -> None:
 
 
 def model_info(sub, preprocessing: Preprocessing, *, class_names=None, accuracy: float | None = None,
-               source: dict | None = None) -> dict:
-    """The self-description stored in exported models (see the module docstring)."""
+               source: dict | None = None, calibration: dict | None = None) -> dict:
+    """The self-description stored in exported models (see the module docstring).
+
+    ``bn_calibration`` records how the subnet's BN statistics were re-estimated before export
+    (split, images, batch, seed, data), or ``{"recalibrated": false, "reason": ...}``.
+    """
     from ..checkpoint import library_versions
 
     if class_names is not None:
@@ -147,6 +151,7 @@ def model_info(sub, preprocessing: Preprocessing, *, class_names=None, accuracy:
         "unsigned_activations": bool(sub.unsigned_activations), "dropout": float(sub.dropout.p),
         "preprocessing": preprocessing.to_dict(), "class_names": class_names,
         "accuracy": None if accuracy is None else float(accuracy), "source": source or {},
+        "bn_calibration": calibration or {"recalibrated": False, "reason": "not recorded"},
         "quantizers": quantizer_table(sub), "versions": library_versions(),
     }
 

@@ -67,6 +67,20 @@ class ExportedModel:
         with torch.no_grad():
             return self._net(torch.from_numpy(batch)).numpy()
 
+    def top1(self, batches) -> dict:
+        """Top-1 (percent) and image count of this file on (images, labels) batches of
+        preprocessed tensors at any size (resized to the model's resolution as evaluation does)."""
+        from ..data import resize_batch
+
+        correct = n = 0
+        for x, y in batches:
+            x = resize_batch(x.float().cpu(), self.preprocessing.resolution)
+            correct += int((self.logits(x.numpy()).argmax(1) == y.cpu().numpy()).sum())
+            n += int(y.shape[0])
+        if n == 0:
+            raise ValueError(f"{self.path}: no images to measure the file's accuracy on")
+        return {"top1": 100.0 * correct / n, "n": n}
+
 
 def load_image(path: str | Path, prep: Preprocessing) -> torch.Tensor:
     """One image file as the model's (C, r, r) float input; ValueError naming the file if it

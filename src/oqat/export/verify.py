@@ -19,7 +19,9 @@ compared twice per batch:
   codes differ only by the rounding of the float work since the previous quantizer.
 
 Verification fails when the top-1 agreement (end to end) is below 99.9%, or when, aligned, any
-code moves by more than one or more than 0.1% of the codes of any tensor differ.
+code moves by more than one or more than 0.1% of the codes of any tensor differ. With labels
+(held-out images) it also checks the task: the exported file's top-1, run as a deployment runs
+it (onnxruntime with its graph optimisations), must equal the PyTorch subnet's within 0.2 points.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .onnx import INPUT_NAME, OUTPUT_NAME
 MIN_TOP1 = 0.999
 MAX_CODE_SHARE = 0.001
 MAX_CODE_DIFF = 1
+MAX_TOP1_GAP = 0.2    # points of top-1 on labelled images, exported file vs PyTorch subnet
 
 
 class VerificationError(ValueError):
@@ -84,6 +87,9 @@ class VerifyReport:
     aligned_max_abs_diff: float = 0.0
     max_abs_logit: float = 0.0
     top1_agree: int = 0
+    labelled: int = 0                # images with labels (the task-level check)
+    reference_correct: int = 0       # of those, classified correctly by the PyTorch subnet
+    exported_correct: int = 0        # ... and by the exported model
     tensors: list[TensorCheck] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
@@ -95,6 +101,16 @@ class VerifyReport:
     @property
     def top1_agreement(self) -> float:
         return self.top1_agree / self.images if self.images else 1.0
+
+    @property
+    def reference_top1(self) -> float | None:
+        """Top-1 (percent) of the PyTorch subnet on the labelled images, None without labels."""
+        return 100.0 * self.reference_correct / self.labelled if self.labelled else None
+
+    @property
+    def exported_top1(self) -> float | None:
+        """Top-1 (percent) of the exported model on the labelled images, None without labels."""
+        return 100.0 * self.exported_correct / self.labelled if self.labelled else None
 
     @property
     def codes_compared(self) -> int:
@@ -121,7 +137,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(ok=self.ok, top1_agreement=self.top1_agreement, codes_compared=self.codes_compared,
+        d.update(ok=self.ok, top1_agreement=self.top1_agreement, reference_top1=self.reference_top1,
+                 exported_top1=self.exported_top1, codes_compared=self.codes_compared,
                  codes_differing=self.codes_differing, max_code_diff=self.max_code_diff,
                  e2e_codes_differing=self.e2e_codes_differing, e2e_max_code_diff=self.e2e_max_code_diff)
         for t, row in zip(self.tensors, d["tensors"]):
@@ -133,6 +150,9 @@ class VerifyReport:
         lines = [f"verification ({self.target}) on {self.images} inputs: {self.inputs}",
                  f"  max |logit difference| {self.max_abs_diff:.3g} (largest |logit| {self.max_abs_logit:.3g}); "
                  f"top-1 agreement {100 * self.top1_agreement:.2f}% ({self.top1_agree}/{self.images})"]
+        if self.labelled:
+            lines.append(f"  top-1 on the {self.labelled} labelled images: exported {self.exported_top1:.2f}%, "
+                         f"PyTorch subnet {self.reference_top1:.2f}%")
         if self.tensors:
             n = self.codes_compared
             w = self.worst()
@@ -157,21 +177,31 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------- inputs
-def verification_inputs(config: dict | None, space, resolution: int, n: int, seed: int = 0
-                        ) -> tuple[torch.Tensor, str, tuple[str, ...] | None, str | None]:
-    """(images, description, class names or None, note or None) for verification.
+@dataclass
+class VerificationData:
+    """Images to verify an export on, with labels where they are real data (the task check)."""
 
-    Held-out images (``oqat.data``) when ``config["data"]`` is there and loadable, resized to
-    ``resolution``; otherwise seeded standard-normal inputs, with a note saying why.
+    images: torch.Tensor                  # (N, C, r, r) at the subnet's resolution
+    labels: torch.Tensor | None
+    description: str
+    class_names: tuple[str, ...] | None = None
+
+
+def verification_inputs(config: dict | None, space, resolution: int, n: int, seed: int = 0
+                        ) -> tuple[VerificationData, str | None]:
+    """(verification data, note or None).
+
+    `n` labelled held-out images (``oqat.data``) when ``config["data"]`` is there and loadable,
+    resized to ``resolution``; otherwise seeded standard-normal inputs without labels, with a
+    note saying why.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"verify images: expected a positive integer, got {n!r}")
-    note = None
     data_cfg = (config or {}).get("data") if isinstance(config, dict) else None
     if data_cfg:
-        try:
-            from .. import data as D
+        from .. import data as D
 
+        try:
             cfg = D.DataConfig.from_dict(dict(data_cfg))
             data = D.build_data(cfg)
             if data.in_channels != space.in_channels:
@@ -179,21 +209,25 @@ def verification_inputs(config: dict | None, space, resolution: int, n: int, see
             if len(data.holdout) == 0:
                 raise ValueError("the held-out split is empty (data.holdout = 0)")
             subset = D.calibration_subset(data.holdout, n, seed)
-            images = torch.stack([subset[i][0] for i in range(len(subset))]).float()
-            images = D.resize_batch(images, resolution)
+            items = [subset[i] for i in range(len(subset))]
+            images = D.resize_batch(torch.stack([x for x, _ in items]).float(), resolution)
+            labels = torch.tensor([int(y) for _, y in items])
             desc = f"{len(subset)} held-out images of {cfg.name} at {resolution} px"
             if len(subset) < n:
                 desc += f" (the held-out split has only {len(subset)})"
-            return images, desc, tuple(data.classes) or None, None
-        except ImportError:
-            note = "oqat.data is not available"
+            return VerificationData(images, labels, desc, tuple(data.classes) or None), None
         except (ValueError, OSError, RuntimeError) as exc:
             note = f"held-out data not available ({exc})"
     else:
         note = "the checkpoint has no data config"
+    return random_inputs(space, resolution, n, seed, note), note
+
+
+def random_inputs(space, resolution: int, n: int, seed: int, reason: str) -> VerificationData:
+    """`n` seeded standard-normal inputs (no labels); `reason` says why no real images."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, space.in_channels, resolution, resolution, generator=g)
-    return images, f"{n} random standard-normal inputs ({note})", None, note
+    return VerificationData(images, None, f"{n} random standard-normal inputs ({reason})")
 
 
 # ---------------------------------------------------------------------------------- PyTorch side
@@ -275,6 +309,13 @@ class _Compare:
         r.top1_agree += int((out.argmax(1) == ref.argmax(1)).sum())
         r.images += ref.shape[0]
 
+    def labels(self, ref: np.ndarray, out: np.ndarray, y: np.ndarray) -> None:
+        """The task-level count: `ref` and `out` logits of the same labelled images `y`."""
+        r = self.report
+        r.labelled += int(y.shape[0])
+        r.reference_correct += int((ref.argmax(1) == y).sum())
+        r.exported_correct += int((out.argmax(1) == y).sum())
+
     def codes(self, name: str, out: np.ndarray, e2e: np.ndarray, aligned: np.ndarray) -> None:
         c = self.checks[name]
         if c.kind == "weight":
@@ -293,6 +334,9 @@ class _Compare:
         r = self.report
         if r.top1_agreement < min_top1:
             r.failures.append(f"top-1 agreement {100 * r.top1_agreement:.2f}% is below {100 * min_top1:.1f}%")
+        if r.labelled and abs(r.exported_top1 - r.reference_top1) > MAX_TOP1_GAP:
+            r.failures.append(f"top-1 on {r.labelled} labelled images: exported {r.exported_top1:.2f}% vs PyTorch "
+                              f"subnet {r.reference_top1:.2f}% (allowed gap {MAX_TOP1_GAP} points)")
         if max_logit_diff is not None and not r.max_abs_diff <= max_logit_diff:
             r.failures.append(f"max |logit difference| {r.max_abs_diff:.3g} exceeds {max_logit_diff:.3g}")
         for c in r.tensors:
@@ -303,11 +347,14 @@ class _Compare:
         return r
 
 
-def _batches(x: torch.Tensor, batch_size: int):
+def _batches(x: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None):
+    """(images, labels or None) in batches of `batch_size`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size: expected a positive integer, got {batch_size!r}")
+    if labels is not None and labels.shape[0] != x.shape[0]:
+        raise ValueError(f"verification labels: {labels.shape[0]} labels for {x.shape[0]} images")
     for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size]
+        yield x[i:i + batch_size], None if labels is None else labels[i:i + batch_size].numpy()
 
 
 def ort_session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, threads: int | None = None,
@@ -356,9 +403,12 @@ def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
 def verify_onnx(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs: torch.Tensor, *,
                 input_desc: str = "given inputs", batch_size: int = 32, min_top1: float = MIN_TOP1,
                 max_code_share: float = MAX_CODE_SHARE, max_code_diff: int = MAX_CODE_DIFF,
-                raise_on_failure: bool = False, progress: bool | None = None) -> VerifyReport:
+                raise_on_failure: bool = False, progress: bool | None = None,
+                labels: torch.Tensor | None = None) -> VerifyReport:
     """Run ``model`` in onnxruntime (optimisations off) and ``sub`` in PyTorch on ``inputs``.
 
+    With ``labels`` the task-level check runs too: the model in a deployment session
+    (optimisations on) classifies the inputs, and its top-1 is compared with ``sub``'s.
     Returns the :class:`VerifyReport`; with ``raise_on_failure`` a failed check raises
     :class:`VerificationError` (a ValueError) carrying the report. ``progress`` None shows a
     progress bar on a terminal only.
@@ -382,18 +432,22 @@ def verify_onnx(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs: tor
     if sorted(found - set(quantizers)):
         cmp.report.failures.append(f"the ONNX graph quantizes tensors that PyTorch does not: {sorted(found - set(quantizers))[:5]}")
     session = ort_session(vmodel, optimize=False)
+    deployed = ort_session(model, optimize=True) if labels is not None else None
     keys = [n for n in quantizers if n in code_outputs]
     names = [OUTPUT_NAME] + [code_outputs[n] for n in keys]
     sub.eval()
     total = math.ceil(inputs.shape[0] / batch_size)
-    for x in tqdm(_batches(inputs, batch_size), total=total, desc="verify", leave=False,
-                  disable=True if progress is False else None):
-        outs = session.run(names, {INPUT_NAME: x.numpy().astype(np.float32)})
+    for x, y in tqdm(_batches(inputs, batch_size, labels), total=total, desc="verify", leave=False,
+                     disable=True if progress is False else None):
+        feed = {INPUT_NAME: x.numpy().astype(np.float32)}
+        outs = session.run(names, feed)
         ort_codes = dict(zip(keys, outs[1:]))
         ort_codes.update({n: c for n, c in code_inits.items() if n in quantizers})
         ref_logits, ref_codes = torch_forward(sub, x)
         aligned_logits, aligned_codes = torch_forward(sub, x, force=ort_codes)
         cmp.logits(ref_logits.numpy(), outs[0], aligned_logits.numpy())
+        if y is not None:
+            cmp.labels(ref_logits.numpy(), deployed.run([OUTPUT_NAME], feed)[0], y)
         for name, codes in ort_codes.items():
             cmp.codes(name, codes, ref_codes[name].numpy(), aligned_codes[name].numpy())
     report = cmp.finish(min_top1, max_code_share, max_code_diff, None)
@@ -404,7 +458,7 @@ def verify_onnx(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs: tor
 
 def verify_models(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, *, target: str = "packed",
                   input_desc: str = "given inputs", batch_size: int = 32, max_logit_diff: float = 1e-6,
-                  raise_on_failure: bool = False) -> VerifyReport:
+                  raise_on_failure: bool = False, labels: torch.Tensor | None = None) -> VerifyReport:
     """Compare two PyTorch subnets (e.g. a packed model reloaded): logits within
     ``max_logit_diff``, identical top-1 and identical integer codes everywhere."""
     if inputs.dim() != 4 or inputs.shape[0] < 1:
@@ -414,10 +468,12 @@ def verify_models(reference: nn.Module, candidate: nn.Module, inputs: torch.Tens
     other = set(quantizers_of(candidate))
     if other != set(quantizers):
         cmp.report.failures.append(f"quantized tensors differ: {sorted(set(quantizers) ^ other)[:5]}")
-    for x in _batches(inputs, batch_size):
+    for x, y in _batches(inputs, batch_size, labels):
         ref_logits, ref_codes = torch_forward(reference, x)
         out_logits, out_codes = torch_forward(candidate, x)
         cmp.logits(ref_logits.numpy(), out_logits.numpy())
+        if y is not None:
+            cmp.labels(ref_logits.numpy(), out_logits.numpy(), y)
         for name in quantizers:
             if name in out_codes:
                 ref = ref_codes[name].numpy()
@@ -428,5 +484,5 @@ def verify_models(reference: nn.Module, candidate: nn.Module, inputs: torch.Tens
     return report
 
 
-__all__ = ["VerificationError", "VerifyReport", "TensorCheck", "verify_onnx", "verify_models",
+__all__ = ["MAX_TOP1_GAP", "VerificationData", "VerificationError", "VerifyReport", "TensorCheck", "verify_onnx", "verify_models",
            "verification_inputs", "torch_forward", "ort_session", "quantizers_of"]
