@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oqat import Arch, SearchSpace, build_supernet, cost
-from oqat.calibrate import recalibrate_bn
-from oqat.checkpoint import load_checkpoint
-from oqat.export.pipeline import deployable_from_checkpoint, export_subnet
+from oqat import Arch, SearchSpace, build_supernet
+from oqat.export import deployable_from_checkpoint, export_subnet
 from oqat.export.verify import VerificationError, ort_session
+from oqat.measure import recalibrate_bn
+from oqat.models import load_checkpoint
+from oqat.space import cost
 
 OQA_README = dict(ks=[3, 3, 5, 3, 3, 5, 5, 7, 3, 5, 5, 3, 5, 5, 3, 5, 3, 5, 7, 5],
                   e=[3, 3, 4, 4, 3, 4, 3, 3, 3, 3, 3, 4, 4, 3, 6, 6, 6, 4, 3, 3], d=[2, 2, 3, 2, 3], r=128)

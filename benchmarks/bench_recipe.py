@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from oqat.data import DataConfig, build_data, calibration_subset, make_loader
-from oqat.evaluate import measure
-from oqat.space import Arch
-from oqat.train import load_train_config, resolve_space, train
+from oqat.measure import measure
+from oqat.space import Arch, SearchSpace
+from oqat.training import load_train_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def main() -> None:
     seconds = time.time() - start
 
     data = build_data(DataConfig.from_dict(cfg.data))
-    space = resolve_space(cfg.space, data.num_classes, data.in_channels)
+    space = SearchSpace.resolve(cfg.space).replace(num_classes=data.num_classes, in_channels=data.in_channels)
     calib = make_loader(calibration_subset(data.holdout, 500, 0), batch_size=100, shuffle=False)
     test = make_loader(calibration_subset(data.test, 3000, 1), batch_size=500, shuffle=False)
     if cfg.train.arch:

@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from oqat import cost
-    from oqat.evaluate import load_context, measure
-    from oqat.predictor import fit_predictor, sample_distinct, split_holdout
+    from oqat.measure import load_context, measure
     from oqat.search import Budget, CachedAccuracy, CostModel, EvolutionSearch, SearchConfig, random_search
+    from oqat.search.predictor import fit_predictor, sample_distinct, split_holdout
+    from oqat.space import cost
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

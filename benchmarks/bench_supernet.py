@@ -104,7 +104,7 @@ def bench_subnets(args, torch, F) -> list[dict]:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, preset, which, r, batch in rows:
-        from oqat import cost
+        from oqat.space import cost
 
         space = SearchSpace.preset(preset)
         if which == "random":
@@ -156,8 +156,9 @@ def bench_subnets(args, torch, F) -> list[dict]:
 
 
 def bench_lsq(args, torch) -> list[dict]:
-    from oqat import _lsq_cpu
-    from oqat.quant import _compiled_kernels, lsq_quantize, lsq_reference
+    from oqat.quant import lsq_quantize, lsq_reference
+    from oqat.quant import native as _lsq_cpu
+    from oqat.quant.kernels import compiled_kernels as _compiled_kernels
 
     shape = (16, 96, 56, 56)
     gen = torch.Generator().manual_seed(args.seed)

@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 
-from oqat.calibrate import recalibrate_bn
-from oqat.checkpoint import load_supernet
-from oqat.config import from_dict
 from oqat.data import DataConfig, build_data, calibration_subset, make_loader
-from oqat.evaluate import evaluate
-from oqat.inherit import inherit_checkpoint
-from oqat.train import TrainRunConfig, train
+from oqat.measure import evaluate, recalibrate_bn
+from oqat.models import load_supernet
+from oqat.training import TrainRunConfig, inherit_checkpoint, train
+from oqat.utils.config import from_dict
 
 
 def run_stage(name: str, args, out: Path, bits: int, epochs: int, init: str | None, lr: float) -> dict:
@@ -120,7 +118,7 @@ def main() -> None:
     for row in rows:
         row.update(score(row["checkpoint"], args, data))
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n| stage | bits | epochs | init | held-out L/S | test L/S | img/s | s |\n|---|---|---|---|---|---|---|---|")
+    print("\n| stage | bits | epochs | init | held-out L/S | test L/S | img/s | s |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         init = Path(r["init"]).name if r["init"] else "-"
         print(f"| {r['stage']} | {r['bits']} | {r['epochs']} | {init} | {r['holdout_largest']:.2f} / {r['holdout_smallest']:.2f} "

@@ -13,7 +13,7 @@ import torch
 # thread (measured: tests/test_supernet.py 15 s with one thread, 114 s with two under load).
 torch.set_num_threads(int(os.environ.get("OQAT_TEST_THREADS", "1")))
 
-from oqat import Arch, SearchSpace
+from oqat import Arch, SearchSpace  # noqa: E402  (after the thread count, before any torch work)
 
 # The 4-bit subnet listed in the OQA README (ks / e / d / r flags).
 OQA_README_FLAGS = {

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-import oqat.train
-from oqat.train import load_train_config, train
+import oqat.training.loop
+from oqat.training import load_train_config, train
 
 config, out = sys.argv[1], Path(sys.argv[2])
 if len(sys.argv) > 3:  # e.g. float64: rounding far below what the comparisons look at
     torch.set_default_dtype(getattr(torch, sys.argv[3]))
 bn_bias_std = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 if bn_bias_std > 0:
-    build = oqat.train.build_supernet
+    build = oqat.training.loop.build_supernet
 
     def build_with_bn_bias(*args, **kwargs):
         net = build(*args, **kwargs)
@@ -29,7 +29,7 @@ if bn_bias_std > 0:
                     m.bias.copy_(bn_bias_std * torch.randn(m.bias.shape, generator=g))
         return net
 
-    oqat.train.build_supernet = build_with_bn_bias
+    oqat.training.loop.build_supernet = build_with_bn_bias
 result = train(load_train_config(config), out, progress=False)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 torch.save(result.model.state_dict(), out / f"rank{rank}.pt")

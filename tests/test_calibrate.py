@@ -13,9 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from oqat import build_supernet
-from oqat.calibrate import (CalibrationError, bn_layers, bn_state, calibration_batches, recalibrate_bn,
-                            uninitialized_quantizers)
-from oqat.evaluate import DirectAccuracy, evaluate, measure
+from oqat.measure import (
+    CalibrationError,
+    DirectAccuracy,
+    bn_layers,
+    bn_state,
+    calibration_batches,
+    evaluate,
+    measure,
+    recalibrate_bn,
+    uninitialized_quantizers,
+)
 
 
 def _warm(net, space, bits=4, seed=0):

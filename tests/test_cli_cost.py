@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from oqat import cost
 from oqat.cli import main
+from oqat.space import cost
 
 
 def _flags(f: dict, **changes) -> list[str]:

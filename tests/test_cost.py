@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from oqat import build_supernet, cost
-from oqat.space import QUANT_BITS
+from oqat import build_supernet
+from oqat.space import QUANT_BITS, cost
 
 FP_LAYERS = ("stem", "classifier")  # plus every SE conv
 

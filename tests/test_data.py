@@ -7,6 +7,8 @@ import torch
 
 from oqat import data as D
 from oqat.data import DataConfig, build_data, calibration_subset, make_loader, resize_batch
+from oqat.data import config as DC
+from oqat.data import sources as DS
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +171,7 @@ def test_resize_batch_antialiases_when_shrinking():
 
 # ---------------------------------------------------------------------------- Fashion-MNIST
 
-fmnist_present = all((D.FASHION_MNIST_DIR / f"{f}.gz").is_file() for f in D.FASHION_MNIST_FILES)
+fmnist_present = all((DC.FASHION_MNIST_DIR / f"{f}.gz").is_file() for f in DC.FASHION_MNIST_FILES)
 
 
 @pytest.mark.skipif(not fmnist_present, reason="Debian package dataset-fashion-mnist not installed")
@@ -191,7 +193,7 @@ def test_fashion_mnist_loads_resized_to_32():
 
 
 def test_fashion_mnist_missing_package_names_path_and_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(DS, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(ValueError) as err:
         build_data(DataConfig("fashion-mnist"))
     msg = str(err.value)

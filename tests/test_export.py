@@ -22,14 +22,27 @@ import torch
 from onnx import numpy_helper
 
 from oqat import SearchSpace, build_supernet
-from oqat.checkpoint import Checkpoint
 from oqat.cli import main
-from oqat.export import (ExportedModel, Preprocessing, build_onnx, deployable_from_checkpoint, export_subnet,
-                         load_image, load_packed,
-                         pack_bits, predict_files, read_onnx_info, read_packed_info, save_packed, unpack_bits,
-                         verify_models, verify_onnx)
+from oqat.export import (
+    ExportedModel,
+    Preprocessing,
+    build_onnx,
+    deployable_from_checkpoint,
+    export_subnet,
+    load_image,
+    load_packed,
+    pack_bits,
+    predict_files,
+    read_onnx_info,
+    read_packed_info,
+    save_packed,
+    unpack_bits,
+    verify_models,
+    verify_onnx,
+)
 from oqat.export.meta import model_info, preprocessing_for
 from oqat.export.verify import VerificationError, _Compare, ort_session, quantizers_of, torch_forward
+from oqat.models import Checkpoint
 from oqat.quant import LSQQuantizer, qrange
 
 BITS = (2, 3, 4, 8, 32)

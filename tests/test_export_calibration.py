@@ -16,14 +16,14 @@ import pytest
 import torch
 import yaml
 
-from oqat.checkpoint import Checkpoint, load_checkpoint, load_supernet
 from oqat.cli import main
-from oqat.evaluate import load_context
 from oqat.export import ExportedModel, read_onnx_info, verify_onnx
-from oqat.export.onnx import build_onnx
 from oqat.export.meta import model_info, preprocessing_for
+from oqat.export.onnx import build_onnx
+from oqat.measure import load_context
+from oqat.models import Checkpoint, load_checkpoint, load_supernet
 from oqat.space import Arch
-from oqat.train import load_train_config, train
+from oqat.training import load_train_config, train
 
 SPACE = {"name": "ci-tiny", "stem_channels": 8, "stem_stride": 1, "first_block_channels": 8,
          "stages": [{"width": 8, "stride": 2, "act": "relu", "se": False},

@@ -7,10 +7,9 @@ import torch
 import yaml
 
 from oqat import SearchSpace, build_supernet, inherit_bits
-from oqat.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_supernet
 from oqat.cli import main
-from oqat.inherit import inherit_checkpoint
-from oqat.train import load_train_config, train
+from oqat.models import Checkpoint, CheckpointError, load_checkpoint, load_supernet
+from oqat.training import inherit_checkpoint, load_train_config, train
 
 SPACE = SearchSpace.preset("mbv3-tiny")
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from oqat.latency import build_table, load_table, pieces, predict_latency, save_table
+from oqat.measure.latency import build_table, load_table, pieces, predict_latency, save_table, table_latency
 from oqat.search import Budget, CostModel, EvolutionSearch, SearchConfig
 
 
@@ -66,12 +66,12 @@ def test_built_table_covers_the_space_and_round_trips(space, table, tmp_path):
 
 
 def test_latency_budget_in_search(space, table):
-    costs = CostModel(space, table)
+    costs = CostModel(space, table_latency(table, space))
     small = costs(space.smallest(4).replace(r=24))["latency_ms"]
     large = costs(space.largest(4).replace(r=24))["latency_ms"]
     assert small < large
     space24 = space.replace(resolutions=(24,))
-    costs24 = CostModel(space24, table)
+    costs24 = CostModel(space24, table_latency(table, space24))
     budget = Budget.parse(f"latency_ms={(small + large) / 2}")
     r = EvolutionSearch(space24, 4, lambda archs: [float(sum(a.d)) for a in archs], costs24,
                         SearchConfig(population=6, generations=2)).run(budget, progress=False)

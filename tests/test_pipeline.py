@@ -4,7 +4,6 @@ stage markers and skipping, recovery after an interruption, config errors, the r
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 from pathlib import Path
@@ -13,11 +12,20 @@ import pytest
 import torch
 import yaml
 
-from oqat import Arch, cost
-from oqat.checkpoint import load_checkpoint
-from oqat.pipeline import (Pipeline, StageMismatch, config_from_dict, load_run_config, parse_budget, read_marker,
-                           run_pipeline, run_space)
-from oqat.train import load_train_config
+from oqat import Arch
+from oqat.models import load_checkpoint
+from oqat.pipeline.runner import (
+    Pipeline,
+    StageMismatch,
+    config_from_dict,
+    load_run_config,
+    parse_budget,
+    read_marker,
+    run_pipeline,
+    run_space,
+)
+from oqat.space import cost
+from oqat.training import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "configs" / "ci-tiny.yaml"
@@ -97,8 +105,8 @@ def test_every_stage_runs_and_records_its_results(done_run):
 def test_each_exported_file_scores_what_its_report_row_says(done_run):
     """The files are the measured subnets: each one's own test top-1 (run as deployed) equals the
     search's figure for its subnet, which the report prints beside it."""
-    from oqat.evaluate import load_context
     from oqat.export import ExportedModel, read_onnx_info
+    from oqat.measure import load_context
 
     out, _, _ = done_run
     export = read_marker(out / "export")["results"]
@@ -158,7 +166,7 @@ def test_killed_mid_training_resumes_to_the_same_result(done_run, tmp_path, monk
     """Interrupt supernet-4bit after its first step (fp has 2 steps), then rerun the same command."""
     ref, _, _ = done_run
     out = tmp_path / "run"
-    import oqat.distributed as D
+    import oqat.training.distributed as D
 
     real, calls = D.average_gradients, {"n": 0}
 

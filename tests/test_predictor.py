@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from oqat import build_supernet
-from oqat.predictor import (Predictor, PredictorAccuracy, encode, encode_batch, encoding_size, fit_predictor,
-                            kendall_tau, pearson, rmse, sample_distinct, split_holdout)
-from oqat.search import arch_key
+from oqat.search.predictor import (
+    Predictor,
+    PredictorAccuracy,
+    encode,
+    encode_batch,
+    encoding_size,
+    fit_predictor,
+    sample_distinct,
+    split_holdout,
+)
+from oqat.utils.stats import kendall_tau, pearson, rmse
 
 
 def test_kendall_tau_known_cases():
@@ -115,16 +123,16 @@ def test_predictor_load_errors(tmp_path):
 
 def test_sample_distinct(space):
     archs = sample_distinct(space, 50, 4, seed=3)
-    assert len({arch_key(space, a) for a in archs}) == 50
+    assert len({space.key(a) for a in archs}) == 50
     assert sample_distinct(space, 50, 4, seed=3) == archs
-    excl = {arch_key(space, a) for a in archs[:10]}
-    assert not excl & {arch_key(space, a) for a in sample_distinct(space, 20, 4, seed=3, exclude=excl)}
+    excl = {space.key(a) for a in archs[:10]}
+    assert not excl & {space.key(a) for a in sample_distinct(space, 20, 4, seed=3, exclude=excl)}
 
 
 def test_cli_fit_and_eval(space, tmp_path, capsys):
-    from oqat.checkpoint import Checkpoint
     from oqat.cli import main
     from oqat.data import DataConfig
+    from oqat.models import Checkpoint
 
     torch.manual_seed(0)
     net = build_supernet(space, 4, impl="eager")
@@ -150,7 +158,8 @@ def test_cli_fit_and_eval(space, tmp_path, capsys):
     m = json.loads(capsys.readouterr().out)
     assert m["n"] == 8
     # the predictor as the search's accuracy source (no checkpoint needed)
-    from oqat import Arch, cost
+    from oqat import Arch
+    from oqat.space import cost
 
     lo = cost.macs(space, space.smallest(4))
     assert main(["search", "--predictor", str(out), "--budget", f"macs={2 * lo:.0f}", "--population", "4",

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from oqat.quant import STEP_EPS, LSQQuantizer, grad_scale, lsq_quantize, lsq_reference, qrange
-
-from oqat import _lsq_cpu
-from oqat.quant import _compiled_kernels
+from oqat.quant import native as _lsq_cpu
+from oqat.quant.kernels import compiled_kernels as _compiled_kernels
 
 # every implementation lsq_quantize can use; those this machine lacks are skipped
 IMPLS = [
@@ -276,7 +275,7 @@ def test_quantizer_with_fused_activation(act):
 
 
 def test_auto_picks_native_kernels_for_cpu_float32_and_falls_back_otherwise():
-    from oqat.quant import _native
+    from oqat.quant.lsq import _native
 
     x = torch.randn(10)
     if _lsq_cpu.library() is not None:

@@ -12,11 +12,23 @@ import random
 import pytest
 import torch
 
-from oqat import Arch, SearchSpace, build_supernet, cost
-from oqat.analyze import analyze, factors
-from oqat.search import (Budget, CachedAccuracy, CostModel, DistributedAccuracy, EvolutionSearch, SearchConfig,
-                         arch_key, best_of_measured, check_budget_feasible, pareto_front, parse_number,
-                         random_search, write_search_outputs)
+from oqat import Arch, SearchSpace, build_supernet
+from oqat.search import (
+    Budget,
+    CachedAccuracy,
+    CostModel,
+    DistributedAccuracy,
+    EvolutionSearch,
+    SearchConfig,
+    best_of_measured,
+    check_budget_feasible,
+    pareto_front,
+    parse_number,
+    random_search,
+    write_search_outputs,
+)
+from oqat.search.analyze import analyze, factors
+from oqat.space import cost
 
 
 class FakeAccuracy:
@@ -29,7 +41,7 @@ class FakeAccuracy:
         self.batches = []
 
     def one(self, a: Arch) -> float:
-        key = arch_key(self.space, a)
+        key = self.space.key(a)
         noise = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
         return 20 + 8 * math.log(cost.macs(self.space, a) / 1e6) - 0.3 * sum(a.d) + 2 * noise
 
@@ -106,8 +118,7 @@ def test_search_with_direct_measurement_is_deterministic(space):
     """Real measurements (extract, re-calibrate, evaluate) on a tiny supernet: same seed, same search."""
     from torch.utils.data import TensorDataset
 
-    from oqat.calibrate import calibration_batches
-    from oqat.evaluate import DirectAccuracy
+    from oqat.measure import DirectAccuracy, calibration_batches
 
     torch.manual_seed(0)
     net = build_supernet(space, 4, impl="eager")
@@ -242,7 +253,7 @@ def test_random_search_baseline(space):
     fake = FakeAccuracy(space)
     r = random_search(space, 4, fake, budget, 20, seed=0)
     assert r.evaluations == 20 == fake.calls
-    keys = {arch_key(space, a) for a, _ in r.candidates}
+    keys = {space.key(a) for a, _ in r.candidates}
     assert len(keys) == 20
     assert all(budget.satisfied(cost.summary(space, a)) for a, _ in r.candidates)
     assert r.accuracy == max(acc for _, acc in r.candidates)
@@ -279,7 +290,7 @@ def test_outputs(space, tmp_path):
     budgets = [Budget.parse(f"m:macs={_mid_budget(space):.0f}"), Budget.parse(f"b:bitops={_mid_budget(space, 'bitops'):.0f}")]
     search = EvolutionSearch(space, 4, CachedAccuracy(FakeAccuracy(space), space), costs, SearchConfig(**SMALL))
     results = [search.run(b, progress=False) for b in budgets]
-    evaluated = {arch_key(space, a): (a, acc) for r in results for a, acc in r.candidates}
+    evaluated = {space.key(a): (a, acc) for r in results for a, acc in r.candidates}
     summary = write_search_outputs(tmp_path, space, results, list(evaluated.values()), costs,
                                    pareto_metrics=["macs", "bitops"])
     for r in results:
@@ -320,8 +331,8 @@ def test_analyze_writes_figures_and_computed_summary(space, tmp_path):
 # ----------------------------------------------------------------------------- CLI on a tiny checkpoint
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, space):
-    from oqat.checkpoint import Checkpoint
     from oqat.data import DataConfig
+    from oqat.models import Checkpoint
 
     torch.manual_seed(0)
     net = build_supernet(space, 4, impl="eager")

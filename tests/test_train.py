@@ -15,9 +15,16 @@ import torch
 import yaml
 
 from oqat import SearchSpace
-from oqat.checkpoint import CheckpointError, load_checkpoint
-from oqat.train import (GlobalBatchSampler, TrainConfig, TrainingDiverged, load_train_config, lr_factor,
-                        step_archs, train)
+from oqat.models import CheckpointError, load_checkpoint
+from oqat.training import (
+    GlobalBatchSampler,
+    TrainConfig,
+    TrainingDiverged,
+    load_train_config,
+    lr_factor,
+    step_archs,
+    train,
+)
 
 SPACE = SearchSpace.preset("mbv3-tiny")
 

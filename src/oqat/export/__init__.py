@@ -1,10 +1,10 @@
 """Deployment of extracted subnets: ONNX in QCDQ form, onnxruntime verification, packed
 low-bit weights and inference on image files. See docs/export.md."""
 
+from .deploy import Deployable, ExportResult, deployable_from_checkpoint, export_subnet
 from .meta import Preprocessing, model_info, preprocessing_for
 from .onnx import build_onnx, export_onnx, read_onnx_info
 from .packed import load_packed, pack_bits, read_packed_info, save_packed, unpack_bits
-from .pipeline import Deployable, ExportResult, deployable_from_checkpoint, export_subnet
 from .predict import ExportedModel, load_image, predict_files
 from .verify import VerificationData, VerificationError, VerifyReport, verification_inputs, verify_models, verify_onnx
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from .. import data as D
+from ..models import library_versions
 from ..quant import LSQQuantizer
 
 FORMAT = "oqat-model"
@@ -96,8 +98,6 @@ def preprocessing_for(space, resolution: int, data_config: dict | None) -> tuple
     mean, std, crop, source, note = IMAGENET_MEAN, IMAGENET_STD, 1.0, "default (ImageNet mean/std)", None
     if data_config:
         try:
-            from .. import data as D
-
             cfg = D.DataConfig.from_dict(dict(data_config))
             mean, std = D.MEAN_STD[cfg.name]
             crop = D.CROP_FRACTION if cfg.name == "imagefolder" else 1.0
@@ -137,8 +137,6 @@ def model_info(sub, preprocessing: Preprocessing, *, class_names=None, accuracy:
     ``bn_calibration`` records how the subnet's BN statistics were re-estimated before export
     (split, images, batch, seed, data), or ``{"recalibrated": false, "reason": ...}``.
     """
-    from ..checkpoint import library_versions
-
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != sub.space.num_classes:

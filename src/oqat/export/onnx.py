@@ -30,10 +30,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from ..models import SubNet
 from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, SqueezeExcite
 from ..quant import LSQQuantizer, qrange
-from .meta import check_initialized, to_string_map
+from ..utils.version import __version__
+from .meta import check_initialized, from_string_map, to_string_map
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
@@ -177,8 +179,6 @@ _SUPPORTED = (QConvBN, SqueezeExcite, MBConvBlock, LSQQuantizer, nn.BatchNorm2d,
 
 
 def _check_supported(sub: nn.Module) -> None:
-    from ..models import SubNet
-
     if not isinstance(sub, SubNet):
         raise ValueError(f"export: expected an extracted SubNet (supernet.extract(arch)), got {type(sub).__name__}")
     for name, m in sub.named_modules():
@@ -221,8 +221,6 @@ def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, wei
                 dtype = TensorProto.INT8 if c.signed else TensorProto.UINT8
                 outputs.append(helper.make_tensor_value_info(c.tensor, dtype, None))
     graph = helper.make_graph(g.nodes, f"oqat-{space.name}-{sub.bits}bit", inputs, outputs, g.inits)
-    from .. import __version__
-
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="oqat",
                               producer_version=__version__,
                               doc_string=f"oqat subnet of {space.name} at {sub.bits} bit, QCDQ form")
@@ -246,8 +244,6 @@ def export_onnx(sub, path: str | Path, *, info: dict | None = None, opset: int =
 
 def read_onnx_info(path: str | Path) -> dict:
     """The oqat metadata of an exported ONNX file (ValueError if it has none)."""
-    from .meta import from_string_map
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: model file not found")

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import build_supernet
 from ..nn.layers import QConvBN
 from ..quant import STEP_EPS, LSQQuantizer, qrange
+from ..space import Arch, SearchSpace
 from .meta import FORMAT, check_initialized
 from .onnx import weight_codes
 
@@ -159,9 +161,6 @@ def read_packed_info(path: str | Path) -> dict:
 def load_packed(path: str | Path, impl: str = "eager"):
     """Rebuild the SubNet stored in a packed file (eval mode); its ``export_info`` attribute
     holds the stored model description."""
-    from ..models import build_supernet
-    from ..space import Arch, SearchSpace
-
     path = Path(path)
     info = read_packed_info(path)
     with _open(path) as f:

@@ -16,7 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import resize_batch
 from .meta import Preprocessing
+from .onnx import read_onnx_info
+from .packed import load_packed
+from .verify import ort_session
 
 
 def detect_format(path: str | Path) -> str:
@@ -42,9 +46,6 @@ class ExportedModel:
         self.path = Path(path)
         self.format = detect_format(self.path)
         if self.format == "onnx":
-            from .onnx import read_onnx_info
-            from .verify import ort_session
-
             self.info = read_onnx_info(self.path)
             try:
                 self._session = ort_session(self.path, optimize=True, threads=threads)
@@ -52,8 +53,6 @@ class ExportedModel:
                 raise ValueError(f"{self.path}: onnxruntime cannot load the model: {exc}") from None
             self._input = self._session.get_inputs()[0].name
         else:
-            from .packed import load_packed
-
             self._net = load_packed(self.path)
             self.info = self._net.export_info
         self.preprocessing = Preprocessing.from_dict(self.info["preprocessing"])
@@ -70,8 +69,6 @@ class ExportedModel:
     def top1(self, batches) -> dict:
         """Top-1 (percent) and image count of this file on (images, labels) batches of
         preprocessed tensors at any size (resized to the model's resolution as evaluation does)."""
-        from ..data import resize_batch
-
         correct = n = 0
         for x, y in batches:
             x = resize_batch(x.float().cpu(), self.preprocessing.resolution)

@@ -36,6 +36,7 @@ import onnx
 import torch
 from torch import nn
 
+from .. import data as D
 from ..quant import LSQQuantizer
 from .onnx import INPUT_NAME, OUTPUT_NAME
 
@@ -199,8 +200,6 @@ def verification_inputs(config: dict | None, space, resolution: int, n: int, see
         raise ValueError(f"verify images: expected a positive integer, got {n!r}")
     data_cfg = (config or {}).get("data") if isinstance(config, dict) else None
     if data_cfg:
-        from .. import data as D
-
         try:
             cfg = D.DataConfig.from_dict(dict(data_cfg))
             data = D.build_data(cfg)

@@ -1,5 +1,7 @@
-"""Supernet builders and extracted subnets."""
+"""Supernet builders, extracted subnets, and the checkpoint file that carries a supernet."""
 
+from .checkpoint import Checkpoint, CheckpointError, library_versions, load_checkpoint, load_supernet
 from .mobilenetv3 import SubNet, Supernet, build_supernet
 
-__all__ = ["Supernet", "SubNet", "build_supernet"]
+__all__ = ["Checkpoint", "CheckpointError", "SubNet", "Supernet", "build_supernet", "library_versions",
+           "load_checkpoint", "load_supernet"]

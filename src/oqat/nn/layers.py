@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .depthwise import depthwise_conv2d
 from ..quant import LSQQuantizer
 from ..space import make_divisible
-
+from .depthwise import depthwise_conv2d
 
 # name -> (module class, functional form); both take ``inplace``
 _ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "h_swish": (nn.Hardswish, F.hardswish)}

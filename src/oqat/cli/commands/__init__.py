@@ -1,0 +1,1 @@
+"""One module per ``oqat`` verb; each defines ``register(subparsers)`` and is found by ``oqat.cli.main``."""

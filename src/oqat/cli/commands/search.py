@@ -1,0 +1,155 @@
+"""``oqat search``: evolutionary search for the most accurate subnet under cost budgets."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .eval import add_context_args, context_from_args
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="evolutionary search under MACs/BitOPs/size/latency budgets")
+    p.add_argument("--ckpt", help="supernet checkpoint (accuracy by direct evaluation on the held-out split)")
+    p.add_argument("--predictor", help="accuracy predictor file (oqat predictor fit) used instead of direct "
+                                       "evaluation; with --ckpt the best subnets are then also measured")
+    p.add_argument("--budget", action="append", required=True, metavar="[NAME:]METRIC=VALUE[,...]",
+                   help="budget, repeatable (one search each), e.g. macs=5M or 'small:bitops=200M,params=1M'; "
+                        "metrics: macs, bitops, oqa_flops, params, size_bits, latency_ms")
+    p.add_argument("--out", default="runs/search", help="output folder")
+    p.add_argument("--population", type=int, default=64)
+    p.add_argument("--generations", type=int, default=20)
+    p.add_argument("--parent-ratio", type=float, default=0.25)
+    p.add_argument("--mutation-ratio", type=float, default=0.5)
+    p.add_argument("--mutate-prob", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="JSONL evaluation cache (default: OUT/cache.jsonl)")
+    p.add_argument("--no-cache-file", action="store_true", help="keep the cache in memory only")
+    p.add_argument("--latency-table", default=None, help="latency table (oqat latency-table) for latency_ms budgets")
+    p.add_argument("--pareto", default=None, help="comma-separated cost metrics for Pareto fronts "
+                                                  "(default: the budgets' metrics and macs)")
+    p.add_argument("--random-baseline", action="store_true",
+                   help="also report random sampling with the same number of evaluations")
+    add_context_args(p, split=False, ckpt=False)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...search import (
+        METRICS,
+        Budget,
+        CachedAccuracy,
+        CostModel,
+        DistributedAccuracy,
+        EvolutionSearch,
+        SearchConfig,
+        best_of_measured,
+        check_budget_feasible,
+        distinct_measured,
+        is_main_process,
+        random_search,
+        write_search_outputs,
+    )
+    from ...training.distributed import current, init_from_env
+    from ...utils.devices import resolve_device
+
+    if not args.ckpt and not args.predictor:
+        raise ValueError("give --ckpt (direct evaluation) and/or --predictor")
+    budgets = [Budget.parse(t) for t in args.budget]
+    names = [b.name for b in budgets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--budget: two budgets have the same name ({names}); name them NAME:METRIC=VALUE")
+    config = SearchConfig(population=args.population, generations=args.generations, parent_ratio=args.parent_ratio,
+                          mutation_ratio=args.mutation_ratio, mutate_prob=args.mutate_prob, seed=args.seed)
+    init_from_env(resolve_device(args.device))
+    out = Path(args.out)
+
+    ctx = context_from_args(args, split="holdout") if args.ckpt else None
+    direct = None
+    if args.predictor:
+        from ...search.predictor import Predictor, PredictorAccuracy
+
+        predictor = Predictor.load(args.predictor)
+        space, bits = predictor.space, predictor.bits
+        if ctx is not None and (ctx.space.to_dict() != space.to_dict() or ctx.bits != bits):
+            raise ValueError(f"--predictor {args.predictor} was fitted for {space.name} at {bits} bits, "
+                             f"the checkpoint is {ctx.space.name} at {ctx.bits} bits")
+        accuracy = CachedAccuracy(PredictorAccuracy(predictor), space)
+        source = {"source": "predictor", "predictor": str(Path(args.predictor).resolve())}
+    else:
+        space, bits = ctx.space, ctx.bits
+        direct = ctx.accuracy_fn()
+        context = {"source": "direct", **ctx.fingerprint()}
+        path = None if args.no_cache_file else Path(args.cache or out / "cache.jsonl")
+        accuracy = CachedAccuracy(DistributedAccuracy(direct), space, path, context)
+        source = context
+    table = None
+    if args.latency_table:
+        from ...measure.latency import load_table, table_latency
+
+        table = load_table(args.latency_table, space)
+    costs = CostModel(space, table_latency(table, space) if table is not None else None)
+    for b in budgets:  # every budget checked before any measurement
+        check_budget_feasible(b, space, costs, bits)
+    pareto = args.pareto.split(",") if args.pareto else list(dict.fromkeys([m for b in budgets for m in b.metrics] + ["macs"]))
+    for m in pareto:
+        if m not in METRICS or (m == "latency_ms" and table is None):
+            raise ValueError(f"--pareto: {m!r} is not an available metric ({list(METRICS)}; latency_ms needs --latency-table)")
+
+    search = EvolutionSearch(space, bits, accuracy, costs, config)
+    results, baselines = [], []
+    for b in budgets:
+        before = accuracy.misses
+        r = search.run(b)
+        results.append(r)
+        if is_main_process():
+            log.info("budget %s: best top-1 %.2f%% after %d distinct subnets (%d new measurements)",
+                     b.name, r.accuracy, r.evaluations, accuracy.misses - before)
+        if args.random_baseline:
+            baselines.append(random_search(space, bits, accuracy, b, r.evaluations, costs=costs, seed=args.seed))
+
+    def measured_by(runs):
+        return distinct_measured(space, [p for r in runs for p in r.candidates])
+
+    # each budget's choice: the best subnet found by any budget's search that fits it (the random
+    # baselines likewise among their own samples, so the comparison stays like for like)
+    results = best_of_measured(results, measured_by(results), costs)
+    baselines = best_of_measured(baselines, measured_by(baselines), costs)
+    evaluated = measured_by(results + baselines)
+
+    measured = {}
+    if args.predictor and ctx is not None:  # predicted best subnets, measured for real
+        fn = ctx.accuracy_fn()
+        for r in results:
+            measured[r.budget.name] = fn([r.arch])[0]
+
+    meta = {"bits": bits, "ckpt": args.ckpt, "accuracy_source": source, "search": config.to_dict()}
+    if is_main_process():
+        summary = write_search_outputs(out, space, results, evaluated, costs, pareto_metrics=pareto,
+                                       meta=meta)
+        if baselines or measured or direct is not None:
+            summary["random_baseline"] = [x.to_dict() for x in baselines]
+            summary["measured_top1"] = measured
+            summary["measurements"] = accuracy.misses
+            if direct is not None and direct.calls:
+                summary["seconds_per_evaluation"] = direct.seconds_per_eval
+            (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for i, r in enumerate(results):
+            line = f"{r.budget}: top-1 {r.accuracy:.2f}%"
+            if r.budget.name in measured:
+                line += f" (predicted; measured {measured[r.budget.name]:.2f}%)"
+            line += "  " + "  ".join(f"{m}={r.costs[m]:.4g}" for m in r.budget.metrics)
+            line += f"  [{r.evaluations} subnets]"
+            if baselines:
+                line += f"  random sampling: {baselines[i].accuracy:.2f}%"
+            print(line)
+            print(f"  -> {out / f'best_{r.budget.name}.json'}")
+        if direct is not None and direct.calls:
+            ranks = f" over {current().world_size} ranks" if current().enabled else ""
+            print(f"{accuracy.misses} subnets measured{ranks} ({accuracy.loaded} reused from the cache), "
+                  f"{direct.seconds_per_eval:.2f} s per measurement" + (" on rank 0" if ranks else ""))
+        print(f"Pareto fronts and the evaluated set in {out}")
+    return 0

@@ -1,1 +1,0 @@
-"""One module per ``oqat`` verb; each defines ``register(subparsers)``."""

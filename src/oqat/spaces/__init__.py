@@ -1,1 +1,0 @@
-"""Packaged search-space presets (YAML); load them with ``SearchSpace.preset(name)``."""

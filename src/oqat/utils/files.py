@@ -1,0 +1,78 @@
+"""Files written whole or not at all, and the user's cache folder.
+
+Every output of oqat (checkpoints, markers, exported models, tables) goes through
+:func:`atomic_writer`: a temporary file beside the target, flushed and fsynced, then renamed over
+it, so an interruption leaves the old file or the new one, never half of one; concurrent writers
+(data-parallel ranks) agree because the rename is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+def plain_permissions(path: str | Path) -> None:
+    """Give `path` the permissions of a plain new file (temporary files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def temp_beside(path: str | Path) -> Path:
+    """A new empty temporary file in `path`'s folder (created), named after it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def commit(tmp: str | Path, path: str | Path, *, fsync: bool = True) -> Path:
+    """Rename the finished temporary file `tmp` over `path` (fsync first), with plain permissions."""
+    tmp, path = Path(tmp), Path(path)
+    if fsync:
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    plain_permissions(tmp)
+    os.replace(tmp, path)
+    if fsync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "w", *, fsync: bool = True) -> Iterator[IO]:
+    """``with atomic_writer(path) as fh: ...`` writes `path` atomically (see the module docstring)."""
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+        commit(tmp, path, fsync=fsync)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str, *, fsync: bool = True) -> Path:
+    with atomic_writer(path, "w", fsync=fsync) as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def cache_dir() -> Path:
+    """The user's oqat cache: ``$OQAT_CACHE``, else ``$XDG_CACHE_HOME/oqat``, else ``~/.cache/oqat``."""
+    if os.environ.get("OQAT_CACHE"):
+        return Path(os.environ["OQAT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "oqat"
+
+
+__all__ = ["atomic_writer", "cache_dir", "commit", "plain_permissions", "temp_beside", "write_text_atomic"]
