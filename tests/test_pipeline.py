@@ -13,17 +13,18 @@ import torch
 import yaml
 
 from oqat import Arch
+from oqat.data import DataConfig
 from oqat.models import load_checkpoint
-from oqat.pipeline.runner import (
+from oqat.pipeline import (
     Pipeline,
     StageMismatch,
     config_from_dict,
     load_run_config,
-    parse_budget,
     read_marker,
     run_pipeline,
     run_space,
 )
+from oqat.search import Budget
 from oqat.space import cost
 from oqat.training import load_train_config
 
@@ -283,16 +284,31 @@ def test_dry_run_lists_stages_and_their_state(done_run, capsys):
     assert states == {**{s: "done" for s in STAGES}, "export": "changed"}
 
 
+def test_report_only_rebuilds_the_report_from_the_run_folder_alone(done_run, tmp_path, capsys):
+    """Copied elsewhere without checkpoints, data or config, the folder still yields its report."""
+    from oqat.cli import main
+
+    out = tmp_path / "moved"
+    shutil.copytree(done_run[0], out, ignore=shutil.ignore_patterns("*.pt", "*.onnx", "*.oqat", "report*"))
+    assert main(["run", "--report-only", "--out", str(out)]) == 0
+    assert "report:" in capsys.readouterr().out
+    new, old = (out / "report.md").read_text(), (done_run[0] / "report.md").read_text()
+    strip = lambda t: re.sub(r"Run folder `[^`]*`|report written [0-9: -]+", "", t)  # noqa: E731
+    assert strip(new) == strip(old) and (out / "report_files" / "pareto_bitops.png").is_file()
+    assert main(["run", "--report-only", "--out", str(tmp_path / "nothing")]) == 2
+    assert "run.json: not found" in capsys.readouterr().err
+
+
 def test_percentage_budgets_interpolate_between_smallest_and_largest():
     cfg, _ = load_run_config(CI)
     space = run_space(cfg)
     lo, hi = cost.macs(space, space.smallest(2)), cost.macs(space, space.largest(2))
-    b = parse_budget("m:macs=25%,bitops=2G", space, 2, "x")
+    b = Budget.parse("m:macs=25%,bitops=2G", where="x", space=space, bits=2)
     assert b.name == "m" and dict((c.metric, c.limit) for c in b.constraints) == {
         "macs": pytest.approx(lo + 0.25 * (hi - lo)), "bitops": 2e9}
-    assert parse_budget({"name": "s", "macs": "100%"}, space, 2, "x").constraints[0].limit == pytest.approx(hi)
+    assert Budget.parse({"name": "s", "macs": "100%"}, where="x", space=space, bits=2).constraints[0].limit == pytest.approx(hi)
     with pytest.raises(ValueError, match="x: macs: '120%' must lie in 0%..100%"):
-        parse_budget("macs=120%", space, 2, "x")
+        Budget.parse("macs=120%", where="x", space=space, bits=2)
 
 
 def test_shipped_configs_are_valid():
@@ -327,3 +343,37 @@ def test_torchrun_two_processes_run_and_rerun(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("), skipped") == len(STAGES) and "0 stage(s) run" in again.stdout
+
+
+def test_export_stage_exports_a_network_once_whatever_its_unused_slots(done_run, tmp_path):
+    """Two budgets chose the same network written with different unused slots (the 1-block
+    stage's second ks/e entries): one set of files, the second row points at the first."""
+    from oqat.pipeline.context import StageContext
+    from oqat.pipeline.plan import plan_stages
+    from oqat.pipeline.results import ChosenSubnet, SearchOutcome, SubnetScore
+    from oqat.pipeline.stages import export
+    from oqat.training.distributed import DistInfo
+
+    ref, _, _ = done_run
+    cfg, _ = load_run_config(CI)
+    space = run_space(cfg)
+    stage = next(s for s in plan_stages(cfg, space, DataConfig.from_dict(cfg.data)) if s.kind == "export")
+    stage.inputs = ["search-4bit"]
+    stage.plan.latency = False
+    a = Arch(ks=[3, 5, 5, 3], e=[2, 3, 3, 2], d=[1, 2], r=16, bits=4)   # slot 1 unused (stage 1 has depth 1)
+    b = a.replace(ks=(3, 3, 5, 3), e=(2, 2, 3, 2))
+    assert a != b and space.key(a) == space.key(b)
+    score = SubnetScore(a.to_dict(), 50.0, 50.0, cost.summary(space, a))
+    chosen = [ChosenSubnet(x.to_dict(), 50.0, 50.0, cost.summary(space, x), budget={"name": n, "constraints": {}},
+                           file=f"search-4bit/best_{n}.json") for n, x in (("first", a), ("second", b))]
+    out = tmp_path / "run"
+    (out / "supernet-4bit").mkdir(parents=True)
+    shutil.copy(ref / "supernet-4bit" / "final.pt", out / "supernet-4bit" / "final.pt")
+    searched = SearchOutcome(4, "supernet-4bit/final.pt", {"largest": score, "smallest": score}, chosen, 2, 2, 0,
+                             None, 32, 48, 48, "search-4bit/evaluated.csv")
+    ctx = StageContext(out, cfg, space, DataConfig.from_dict(cfg.data), torch.device("cpu"), DistInfo(),
+                       echo=lambda _: None, progress=False, outcomes={"search-4bit": searched})
+    rows = export.run(ctx, stage, out / "export", False).exports
+    assert [r.budget for r in rows] == ["first", "second"] and rows[1].same_as == "first"
+    assert rows[1].files == rows[0].files
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["4bit-first.onnx", "4bit-first.oqat"]

@@ -95,8 +95,12 @@ def test_impossible_budget_names_the_budget(space):
 def test_search_config_validation():
     with pytest.raises(ValueError, match="population"):
         SearchConfig(population=1)
-    with pytest.raises(ValueError, match="mutate-prob"):
+    with pytest.raises(ValueError, match="mutate_prob: must lie in"):
         SearchConfig(mutate_prob=0)
+    with pytest.raises(ValueError, match="^--mutate-prob: must lie in"):      # as a command-line flag
+        SearchConfig.build(flags=True, mutate_prob=0)
+    with pytest.raises(ValueError, match=r"^stages\.search\.population: need at least 2"):  # as a config key
+        SearchConfig.build("stages.search", population=1)
     with pytest.raises(ValueError, match="must be <= 1"):
         SearchConfig(parent_ratio=0.6, mutation_ratio=0.6)
 

@@ -138,24 +138,30 @@ def _timer(clock: str):
     return time.thread_time if clock == "cpu" else time.perf_counter
 
 
+def time_call(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, stat: str = "median",
+              clock: str = "wall", sync: Callable[[], None] = lambda: None) -> float:
+    """Time (ms) of ``fn()``: the `stat` (min or median) of `repeats` timed calls after `warmup`
+    untimed ones, on the "wall" or thread-"cpu" clock (`sync` waits for queued device work)."""
+    now = _timer(clock)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        fn()
+        sync()
+        times.append((now() - t0) * 1e3)
+    return _stat(stat)(times)
+
+
 def time_module(module: nn.Module, x: torch.Tensor, warmup: int = 3, repeats: int = 20, stat: str = "median",
                 clock: str = "wall") -> float:
-    """Time (ms) of ``module(x)`` in eval mode under no_grad: the `stat` (min or median) of
-    `repeats` timed calls after `warmup` untimed ones, on the "wall" or thread-"cpu" clock."""
-    now = _timer(clock)
+    """:func:`time_call` of ``module(x)`` in eval mode under no_grad."""
     module.eval()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
     with torch.no_grad():
-        for _ in range(warmup):
-            module(x)
-        sync()
-        for _ in range(repeats):
-            t0 = now()
-            module(x)
-            sync()
-            times.append((now() - t0) * 1e3)
-    return _stat(stat)(times)
+        return time_call(lambda: module(x), warmup, repeats, stat, clock,
+                         torch.cuda.synchronize if x.is_cuda else (lambda: None))
 
 
 def _ready_supernet(space: SearchSpace, bits: int, net: nn.Module | None, device: torch.device) -> nn.Module:
@@ -315,5 +321,5 @@ def check_table(table: dict, space: SearchSpace, n: int = 20, *, net: nn.Module 
             "subnets": rows}
 
 
-__all__ = ["table_latency", "build_table", "check_table", "load_table", "measure_latency", "pieces", "predict_latency",
+__all__ = ["table_latency", "time_call", "build_table", "check_table", "load_table", "measure_latency", "pieces", "predict_latency",
            "save_table", "time_module"]

@@ -178,7 +178,7 @@ def check_budget_feasible(budget: Budget, space: SearchSpace, costs: CostModel, 
     smallest = space.smallest(bits)
     c = costs(smallest)
     if not budget.satisfied(c):
-        raise ValueError(f"budget {budget.name} is impossible: the smallest {bits}-bit subnet already has "
+        raise ValueError(f"budget {budget.name} is impossible at {bits} bit: the smallest subnet already has "
                          f"{'; '.join(budget.violations(c))}")
 
 

@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the search
+class SearchConfigError(ValueError):
+    """A search setting out of range; `field` names it so callers can say which key or flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclass
 class SearchConfig:
     population: int = 64
@@ -33,15 +41,26 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if self.population < 2:
-            raise ValueError(f"--population: need at least 2, got {self.population}")
+            raise SearchConfigError("population", f"need at least 2, got {self.population}")
         if self.generations < 0:
-            raise ValueError(f"--generations: must be >= 0, got {self.generations}")
+            raise SearchConfigError("generations", f"must be >= 0, got {self.generations}")
         for name in ("parent_ratio", "mutation_ratio", "mutate_prob"):
             v = getattr(self, name)
             if not 0 < v <= 1:
-                raise ValueError(f"--{name.replace('_', '-')}: must lie in (0, 1], got {v}")
+                raise SearchConfigError(name, f"must lie in (0, 1], got {v}")
         if self.parent_ratio + self.mutation_ratio > 1:
-            raise ValueError(f"--parent-ratio + --mutation-ratio must be <= 1, got {self.parent_ratio + self.mutation_ratio}")
+            raise SearchConfigError("mutation_ratio", f"parent_ratio + mutation_ratio must be <= 1, got "
+                                                      f"{self.parent_ratio + self.mutation_ratio}")
+
+    @classmethod
+    def build(cls, where: str = "", *, flags: bool = False, **settings) -> "SearchConfig":
+        """``SearchConfig(**settings)`` whose errors name the key as ``<where>.<field>``, or as the
+        command-line flag ``--<field-with-dashes>`` with `flags`."""
+        try:
+            return cls(**settings)
+        except SearchConfigError as exc:
+            key = f"--{exc.field.replace('_', '-')}" if flags else ".".join(x for x in (where, exc.field) if x)
+            raise ValueError(f"{key}: {exc.message}") from None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -187,6 +206,28 @@ def best_of_measured(results: list[SearchResult], measured: Sequence[tuple[Arch,
     return out
 
 
+def search_budgets(space: SearchSpace, bits: int, accuracy: AccuracyFn, costs: CostModel, budgets: Sequence[Budget],
+                   config: SearchConfig, *, measured_before: Sequence[tuple[Arch, float]] = (),
+                   progress: bool = True) -> tuple[list[SearchResult], list[tuple[Arch, float]]]:
+    """The search of ``oqat search`` and of the pipeline: one evolutionary search per budget
+    (all checked feasible first), then each budget's choice is the best subnet measured at this
+    bit-width that fits it (:func:`best_of_measured`, over every budget's candidates and
+    `measured_before`, e.g. the largest and smallest subnets).
+
+    Returns (results, every distinct (arch, accuracy) measured).
+    """
+    for b in budgets:
+        check_budget_feasible(b, space, costs, bits)
+    search = EvolutionSearch(space, bits, accuracy, costs, config)
+    results = []
+    for b in budgets:
+        r = search.run(b, progress=progress)
+        log.info("budget %s: best top-1 %.2f%% after %d distinct subnets", b.name, r.accuracy, r.evaluations)
+        results.append(r)
+    evaluated = distinct_measured(space, list(measured_before) + [p for r in results for p in r.candidates])
+    return best_of_measured(results, evaluated, costs), evaluated
+
+
 def random_search(space: SearchSpace, bits: int, accuracy: AccuracyFn, budget: Budget, evaluations: int, *,
                   costs: CostModel | None = None, seed: int = 0, max_tries: int = 5000,
                   batch: int = 64) -> SearchResult:
@@ -216,5 +257,5 @@ def random_search(space: SearchSpace, bits: int, accuracy: AccuracyFn, budget: B
     return SearchResult(budget, archs[best], accs[best], costs(archs[best]), history, len(archs), list(seen.values()))
 
 
-__all__ = ["best_of_measured", "distinct_measured", "EvolutionSearch", "random_search", "SearchConfig",
+__all__ = ["best_of_measured", "distinct_measured", "EvolutionSearch", "random_search", "search_budgets", "SearchConfig",
            "SearchResult"]

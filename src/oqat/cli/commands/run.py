@@ -12,7 +12,8 @@ def register(sub) -> None:
         description="Run every stage of an OQAT experiment described by CONFIG (see configs/ and "
                     "docs/pipeline.md) into the run folder. Completed stages are skipped, interrupted ones "
                     "continue, so the same command resumes a run. Writes RUN/report.md and RUN/report.html.")
-    p.add_argument("config", help="pipeline YAML (e.g. configs/quickstart.yaml)")
+    p.add_argument("config", nargs="?", help="pipeline YAML (e.g. configs/quickstart.yaml); optional with "
+                                              "--report-only --out RUN")
     p.add_argument("--out", help="run folder (default: the config's `out`, else runs/<config name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stages.supernet.epochs=3 (repeatable)")
@@ -20,33 +21,37 @@ def register(sub) -> None:
                    help="discard and recompute stages whose configuration changed since they ran "
                         "(without it such a run stops with an error naming them)")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the stages and their state")
-    p.add_argument("--report-only", action="store_true", help="only regenerate the report from the finished stages")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild the report from the run folder (its run.json and stage markers; no config, "
+                        "data or checkpoints needed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ...pipeline.runner import Pipeline, default_out, load_run_config
+    from ...pipeline import Pipeline, default_out, load_run_config, write_report
+    from ...training import TrainingDiverged
 
-    cfg, raw = load_run_config(args.config, args.set)
+    if args.report_only and args.config is None:
+        if not args.out:
+            raise ValueError("--report-only: give the run folder with --out RUN (or the config)")
+        print(f"report: {write_report(args.out)}")
+        return 0
+    if args.config is None:
+        raise ValueError("CONFIG: the pipeline YAML is required (e.g. configs/quickstart.yaml)")
+    cfg, _ = load_run_config(args.config, args.set)
     out = args.out or default_out(cfg, args.config)
-    pipe = Pipeline(cfg, out, raw=raw, progress=not args.no_progress, config_path=args.config)
-    if args.dry_run or args.report_only:
+    if args.report_only:
+        print(f"report: {write_report(out)}")
+        return 0
+    pipe = Pipeline(cfg, out, progress=not args.no_progress, config_path=args.config)
+    if args.dry_run:
         status = pipe.status()
         width = max(len(s.name) for s in pipe.stages)
         print(f"run folder {pipe.out}")
         for i, s in enumerate(pipe.stages, 1):
             print(f"  [{i}/{len(pipe.stages)}] {s.name:{width}s}  {status[s.name]:8s} {s.title}")
-        if args.report_only:
-            from ...pipeline.report import write_report
-            from ...pipeline.runner import read_marker
-
-            pipe.markers = {s.name: m for s in pipe.stages
-                            if (m := read_marker(pipe.dir(s.name))) is not None and m.get("status") == "complete"}
-            print(f"report: {write_report(pipe.out, pipe)}")
         return 0
-    from ...training import TrainingDiverged
-
     try:
         result = pipe.run(redo_changed=args.redo_changed)
     except TrainingDiverged as exc:

@@ -44,13 +44,13 @@ def run(args) -> int:
         CachedAccuracy,
         CostModel,
         DistributedAccuracy,
-        EvolutionSearch,
         SearchConfig,
         best_of_measured,
         check_budget_feasible,
         distinct_measured,
         is_main_process,
         random_search,
+        search_budgets,
         write_search_outputs,
     )
     from ...training.distributed import current, init_from_env
@@ -62,8 +62,9 @@ def run(args) -> int:
     names = [b.name for b in budgets]
     if len(set(names)) != len(names):
         raise ValueError(f"--budget: two budgets have the same name ({names}); name them NAME:METRIC=VALUE")
-    config = SearchConfig(population=args.population, generations=args.generations, parent_ratio=args.parent_ratio,
-                          mutation_ratio=args.mutation_ratio, mutate_prob=args.mutate_prob, seed=args.seed)
+    config = SearchConfig.build(flags=True, population=args.population, generations=args.generations,
+                                parent_ratio=args.parent_ratio, mutation_ratio=args.mutation_ratio,
+                                mutate_prob=args.mutate_prob, seed=args.seed)
     init_from_env(resolve_device(args.device))
     out = Path(args.out)
 
@@ -99,26 +100,15 @@ def run(args) -> int:
         if m not in METRICS or (m == "latency_ms" and table is None):
             raise ValueError(f"--pareto: {m!r} is not an available metric ({list(METRICS)}; latency_ms needs --latency-table)")
 
-    search = EvolutionSearch(space, bits, accuracy, costs, config)
-    results, baselines = [], []
-    for b in budgets:
-        before = accuracy.misses
-        r = search.run(b)
-        results.append(r)
-        if is_main_process():
-            log.info("budget %s: best top-1 %.2f%% after %d distinct subnets (%d new measurements)",
-                     b.name, r.accuracy, r.evaluations, accuracy.misses - before)
-        if args.random_baseline:
-            baselines.append(random_search(space, bits, accuracy, b, r.evaluations, costs=costs, seed=args.seed))
-
-    def measured_by(runs):
-        return distinct_measured(space, [p for r in runs for p in r.candidates])
-
-    # each budget's choice: the best subnet found by any budget's search that fits it (the random
-    # baselines likewise among their own samples, so the comparison stays like for like)
-    results = best_of_measured(results, measured_by(results), costs)
-    baselines = best_of_measured(baselines, measured_by(baselines), costs)
-    evaluated = measured_by(results + baselines)
+    results, evaluated = search_budgets(space, bits, accuracy, costs, budgets, config)
+    baselines = []
+    if args.random_baseline:  # random sampling with as many distinct subnets as each search measured
+        baselines = [random_search(space, bits, accuracy, r.budget, r.evaluations, costs=costs, seed=args.seed)
+                     for r in results]
+        # each baseline's choice: the best of the random samples that fits it, like for like
+        sampled = distinct_measured(space, [p for r in baselines for p in r.candidates])
+        baselines = best_of_measured(baselines, sampled, costs)
+        evaluated = distinct_measured(space, evaluated + sampled)
 
     measured = {}
     if args.predictor and ctx is not None:  # predicted best subnets, measured for real

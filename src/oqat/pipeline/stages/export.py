@@ -1,0 +1,94 @@
+"""The export stage: every distinct chosen subnet as verified files, each the subnet as the
+search measured it (BN re-calibrated on the same held-out images, batch and seed), then scored
+on its own on the search's test images, as deployed; optionally timed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...export import ExportedModel, VerificationError, export_subnet
+from ...export.deploy import context_verification, unverified_path
+from ...export.verify import ort_session
+from ...measure import load_context
+from ...measure.latency import time_call, time_module
+from ...space import Arch
+from ...utils.devices import threads
+from ..context import StageContext
+from ..plan import Stage
+from ..results import ExportedFile, ExportOutcome, ExportRow
+
+SUFFIX = {"onnx": "onnx", "oqat": "oqat"}
+
+
+def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> ExportOutcome:
+    e, s = stage.plan, ctx.cfg.stages.search
+    folder.mkdir(parents=True, exist_ok=True)
+    done: dict[str, ExportRow] = {}
+    rows: list[ExportRow] = []
+    for name in stage.inputs:
+        searched = ctx.outcomes[name]
+        ckpt = ctx.out / searched.checkpoint
+        measured = load_context(ckpt, split="holdout", calib_images=s.calib_images, calib_batch=s.calib_batch,
+                                calib_seed=s.seed, eval_images=e.verify_images, device="cpu")
+        test = measured.with_split("test", s.test_images)
+        for c in searched.chosen:
+            arch = Arch.from_dict(c.arch)
+            key = measured.space.key(arch)
+            budget = c.budget["name"]
+            if key in done:
+                first = done[key]
+                rows.append(ExportRow(arch.bits, budget, arch.to_dict(), c.test_top1, first.files,
+                                      first.latency_ms_torch, first.latency_ms_onnx, first.first_budget,
+                                      same_as=first.first_budget))
+                continue
+            sub = measured.deployable(arch)
+            verification = context_verification(measured, arch)
+            files = {}
+            for fmt in e.formats:
+                path = folder / f"{arch.bits}bit-{budget}.{SUFFIX[fmt]}"
+                try:
+                    r = export_subnet(sub, path, fmt, config=measured.ckpt.config, verification=verification,
+                                      calibration=measured.calibration(), accuracy=c.test_top1,
+                                      source={"checkpoint": str(ckpt), "step": measured.ckpt.step, "run": str(ctx.out)},
+                                      opset=e.opset, weights=e.onnx_weights, progress=False)
+                except VerificationError as exc:
+                    # Recorded and reported, not fatal: the other subnets and the report still come.
+                    bad = unverified_path(path)
+                    rep = exc.report
+                    files[fmt] = ExportedFile(ctx.relative(bad), bad.stat().st_size if bad.is_file() else 0, False,
+                                              rep.summary() if rep is not None else str(exc),
+                                              rep.top1_agreement if rep is not None else None)
+                    ctx.echo(f"   WARNING: {exc}")
+                    continue
+                scored = ExportedModel(path).top1(test.eval_data)
+                rep = r.report
+                files[fmt] = ExportedFile(ctx.relative(path), r.size, rep.ok, rep.summary(), rep.top1_agreement,
+                                          rep.exported_top1, rep.reference_top1, scored["top1"], scored["n"], r.notes)
+                ctx.echo(f"   wrote {ctx.relative(path)} ({r.size / 1024:.1f} KiB), verification passed; the file's "
+                         f"test top-1 {scored['top1']:.2f}% (search: {c.test_top1:.2f}%)")
+            row = ExportRow(arch.bits, budget, arch.to_dict(), c.test_top1, files, first_budget=budget)
+            if e.latency:
+                row.latency_ms_torch, row.latency_ms_onnx = latency(ctx, sub, arch, files.get("onnx"), e.latency_runs)
+            done[key] = row
+            rows.append(row)
+        del measured, test
+    return ExportOutcome(rows, s.calib_images, s.calib_batch, s.seed)
+
+
+def latency(ctx: StageContext, sub, arch: Arch, onnx_file: ExportedFile | None, runs: int) -> tuple[float, float | None]:
+    """(PyTorch, onnxruntime) median ms at batch 1 on one thread, on that thread's CPU clock."""
+    x = torch.randn(1, sub.space.in_channels, arch.r, arch.r)
+    with threads(1):
+        torch_ms = time_module(sub.cpu().eval(), x, warmup=3, repeats=runs, clock="cpu")
+        onnx_ms = None
+        if onnx_file is not None and onnx_file.verified is not False:
+            session = ort_session(str(ctx.out / onnx_file.path), threads=1)
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            # one intra-op thread runs in this thread: its CPU time, as for PyTorch
+            onnx_ms = time_call(lambda: session.run(None, feed), 3, runs, clock="cpu")
+    return torch_ms, onnx_ms
+
+
+__all__ = ["run"]
