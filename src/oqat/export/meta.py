@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -180,14 +179,8 @@ def from_string_map(props: dict[str, str], where: str) -> dict:
     return out
 
 
-def read_accuracy(arch_file: str | Path) -> float | None:
-    """An accuracy stored beside the arch in a JSON file (keys ``accuracy``, ``top1``, ``acc``)."""
-    try:
-        data = json.loads(Path(arch_file).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
+def stored_accuracy(data: dict) -> float | None:
+    """An accuracy stored beside the arch in an arch file's data (keys ``accuracy``, ``top1``, ``acc``)."""
     for key in ("accuracy", "top1", "acc"):
         value = data.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..models import build_supernet
 from ..space import Arch, SearchSpace
+from ..utils.config import load_json
 from ..utils.devices import threads as threads_set
 from ..utils.stats import kendall_tau
 
@@ -263,12 +264,7 @@ def save_table(table: dict, path: str | Path) -> Path:
 def load_table(path: str | Path, space: SearchSpace | None = None) -> dict:
     """Read a table; with `space`, check that it was built for that space (ValueError otherwise)."""
     path = Path(path)
-    try:
-        table = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: latency table not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    table = load_json(path, "latency table")
     if not isinstance(table, dict) or table.get("format") != FORMAT or "entries" not in table:
         raise ValueError(f"{path}: not an oqat latency table (no '{FORMAT}' format tag)")
     if table.get("version") != VERSION:

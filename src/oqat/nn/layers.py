@@ -13,28 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import LSQQuantizer
+from ..quant import LSQQuantizer, activation, apply_activation_
 from ..space import make_divisible
 from .depthwise import depthwise_conv2d
-
-# name -> (module class, functional form); both take ``inplace``
-_ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "h_swish": (nn.Hardswish, F.hardswish)}
-
-
-def _lookup(name: str):
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"activation: {name!r} is not one of {list(_ACTIVATIONS)}") from None
-
-
-def activation(name: str | None) -> nn.Module:
-    return nn.Identity() if name is None else _lookup(name)[0](inplace=True)
-
-
-def apply_activation_(x: torch.Tensor, name: str | None) -> torch.Tensor:
-    """The activation `name` applied in place (x must be a fresh tensor, e.g. a BN output)."""
-    return x if name is None else _lookup(name)[1](x, inplace=True)
 
 
 def output_can_be_negative(act: str | None) -> bool:

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from ..utils.config import load_json, load_yaml
+
 ACTIVATIONS = ("relu", "h_swish")
 FULL_PRECISION = 32
 QUANT_BITS = tuple(range(2, 9))
@@ -106,12 +108,7 @@ class Arch:
     def load(cls, path: str | Path) -> "Arch":
         """Read an arch JSON file; a file holding {"arch": {...}, ...} (search output) also works."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: arch file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        data = load_json(path, "arch file")
         if isinstance(data, dict) and "arch" in data and isinstance(data["arch"], dict):
             data = data["arch"]
         try:
@@ -237,11 +234,7 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: search-space file not found") from None
+        data = load_yaml(path, "search-space file", mapping=False)
         try:
             return cls.from_dict(data)
         except ValueError as exc:

@@ -9,12 +9,15 @@ wrong types and missing required values raise ValueError naming the full key pat
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import yaml
+
+from .files import read_text
 
 T = TypeVar("T")
 
@@ -110,19 +113,33 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+def parse_yaml(text: str, where: str):
+    """YAML text as Python data, or ValueError naming `where`."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: config file not found") from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+        raise ValueError(f"{where}: invalid YAML: {exc}") from None
+
+
+def load_yaml(path: str | Path, what: str = "config file", mapping: bool = True) -> Any:
+    """A YAML file's data; with `mapping` (configs) an empty file is ``{}`` and anything but a
+    mapping at the top level is an error naming the file."""
+    data = parse_yaml(read_text(path, what), str(path))
+    if not mapping:
+        return data
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a mapping at the top level")
+        raise ValueError(f"{path}: the {what} must be a mapping at the top level")
     return data
+
+
+def load_json(path: str | Path, what: str = "JSON file") -> Any:
+    """A JSON file's data, or ValueError naming the file."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -141,4 +158,4 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "apply_overrides"]
+__all__ = ["apply_overrides", "from_dict", "load_json", "load_yaml", "parse_yaml", "to_dict"]

@@ -67,6 +67,30 @@ def write_text_atomic(path: str | Path, text: str, *, fsync: bool = True) -> Pat
     return Path(path)
 
 
+MAX_TEXT_BYTES = 64 << 20  # configs, arch files, tables: far below this; a larger file is a mistake
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The text of `path`, or a ValueError naming it and `what` it should have been (missing, a
+    folder, unreadable, not text, larger than `max_bytes`)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, not a {what}")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path}: {size} bytes is more than a {what} can be (limit {max_bytes})")
+        return path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} not found") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied reading the {what}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected a {what})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
 def cache_dir() -> Path:
     """The user's oqat cache: ``$OQAT_CACHE``, else ``$XDG_CACHE_HOME/oqat``, else ``~/.cache/oqat``."""
     if os.environ.get("OQAT_CACHE"):
@@ -75,4 +99,5 @@ def cache_dir() -> Path:
     return Path(base) / "oqat"
 
 
-__all__ = ["atomic_writer", "cache_dir", "commit", "plain_permissions", "temp_beside", "write_text_atomic"]
+__all__ = ["atomic_writer", "cache_dir", "commit", "plain_permissions", "read_text", "temp_beside",
+           "write_text_atomic"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ...measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES
 from ..args import add_arch_args, arch_from_args
@@ -51,37 +50,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _arch(args, ckpt_path: str, space, ckpt_bits: int):
+def _arch(args, record: dict, space, ckpt_bits: int):
     """The arch from the flags; an arch file without "bits" takes the checkpoint's."""
     arch = arch_from_args(args, space, default_bits=ckpt_bits)
-    if args.arch and args.bits is None:
-        try:
-            data = json.loads(Path(args.arch).read_text())
-        except (OSError, json.JSONDecodeError):
-            data = {}
-        inner = data.get("arch", data) if isinstance(data, dict) else {}
-        if isinstance(inner, dict) and "bits" not in inner:
-            arch = arch.replace(bits=ckpt_bits)
+    inner = record.get("arch", record)
+    if args.arch and args.bits is None and isinstance(inner, dict) and "bits" not in inner:
+        arch = arch.replace(bits=ckpt_bits)
     return arch
 
 
-def _arch_file_measurement(path: str | None) -> dict:
+def _measurement(record: dict) -> dict:
     """The BN re-calibration settings under which a search or eval output file was measured."""
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    source = data.get("accuracy_source") if isinstance(data, dict) else None
+    source = record.get("accuracy_source")
     if not isinstance(source, dict) or source.get("source") != "direct":
         return {}
     return {k: v for k, v in source.items() if k in _CALIB_KEYS and isinstance(v, int) and not isinstance(v, bool)}
 
 
-def calibration_settings(args) -> tuple[dict, str]:
+def calibration_settings(args, record: dict) -> tuple[dict, str]:
     """(calib_images/calib_batch/calib_seed, where they came from): flags, else the arch file, else defaults."""
-    measured = _arch_file_measurement(args.arch)
+    measured = _measurement(record)
     out = {}
     for key, default in _CALIB_KEYS.items():
         flag = getattr(args, key)
@@ -100,19 +88,22 @@ def calibration_settings(args) -> tuple[dict, str]:
 def run(args) -> int:
     from ...export import deployable_from_checkpoint, export_subnet
     from ...export.deploy import read_class_names
-    from ...export.meta import read_accuracy
+    from ...export.meta import stored_accuracy
     from ...export.verify import VerificationError
     from ...models import load_checkpoint
+    from ...utils.config import load_json
 
     if args.verify_images < 1:
         raise ValueError(f"--verify-images: expected a positive integer, got {args.verify_images}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     header = load_checkpoint(args.ckpt)                      # cheap validation before building anything
-    arch = _arch(args, args.ckpt, header.space, header.bits)
-    accuracy = args.accuracy if args.accuracy is not None else (read_accuracy(args.arch) if args.arch else None)
+    record = load_json(args.arch, "arch file") if args.arch else {}
+    record = record if isinstance(record, dict) else {}
+    arch = _arch(args, record, header.space, header.bits)
+    accuracy = args.accuracy if args.accuracy is not None else stored_accuracy(record)
     names = read_class_names(args.class_names) if args.class_names else None
-    settings, origin = calibration_settings(args)
+    settings, origin = calibration_settings(args, record)
     dep = deployable_from_checkpoint(args.ckpt, arch, **settings, verify_images=args.verify_images,
                                      verify_seed=args.seed, data=args.data, data_root=args.data_root,
                                      use_data=not args.no_data, recalibrate=not args.no_recalibrate)
