@@ -165,11 +165,38 @@ class SearchSpace:
         "channel_divisor", "in_channels", "num_classes",
     )
 
+    # Sane bounds: a space (from a YAML file, a checkpoint or an exported model's metadata) that
+    # exceeds them is refused before any tensor is allocated for it.
+    LIMITS = {"stages": 16, "max_depth": 16, "width": 8192, "channels": 16384, "in_channels": 64,
+              "num_classes": 100_000, "resolution": 2048, "kernel": 15, "expand": 16}
+
     # ---------------------------------------------------------------- construction / IO
     def __post_init__(self) -> None:
         where = f"space {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"space: name: expected a non-empty string, got {self.name!r}")
         if not self.stages:
             raise ValueError(f"{where}: stages: at least one stage is required")
+        lim = self.LIMITS
+        ints = {"max_depth": (self.max_depth, lim["max_depth"]), "stem_stride": (self.stem_stride, 2),
+                "in_channels": (self.in_channels, lim["in_channels"]), "num_classes": (self.num_classes, lim["num_classes"]),
+                **{n: (getattr(self, n), lim["channels"]) for n in ("stem_channels", "first_block_channels",
+                                                                   "final_expand_channels", "feature_mix_channels",
+                                                                   "se_reduction", "channel_divisor")}}
+        for name, (value, top) in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: {name}: expected an integer, got {value!r}")
+            if not 0 < value <= top:
+                raise ValueError(f"{where}: {name}: must lie in 1..{top}, got {value}")
+        if len(self.stages) > lim["stages"]:
+            raise ValueError(f"{where}: stages: at most {lim['stages']}, got {len(self.stages)}")
+        for i, st in enumerate(self.stages):
+            if st.width > lim["width"]:
+                raise ValueError(f"{where}: stages[{i}].width: at most {lim['width']}, got {st.width}")
+        for name, top in (("kernel_choices", lim["kernel"]), ("expand_choices", lim["expand"]),
+                          ("resolutions", lim["resolution"])):
+            if any(v > top for v in getattr(self, name)):
+                raise ValueError(f"{where}: {name}: values must be at most {top}, got {list(getattr(self, name))}")
         for i, st in enumerate(self.stages):
             if st.act not in ACTIVATIONS:
                 raise ValueError(f"{where}: stages[{i}].act: {st.act!r} is not one of {ACTIVATIONS}")
@@ -211,11 +238,21 @@ class SearchSpace:
             missing = [k for k in StageSpec.FIELDS if k not in st]
             if missing:
                 raise ValueError(f"space: stages[{i}]: missing key(s) {missing}")
-            stages.append(StageSpec(int(st["width"]), int(st["stride"]), str(st["act"]), bool(st["se"])))
+            for key in ("width", "stride"):
+                if isinstance(st[key], bool) or not isinstance(st[key], int):
+                    raise ValueError(f"space: stages[{i}].{key}: expected an integer, got {st[key]!r}")
+            if not isinstance(st["se"], bool) or not isinstance(st["act"], str):
+                raise ValueError(f"space: stages[{i}]: act must be a string and se true/false, got {st!r}")
+            stages.append(StageSpec(st["width"], st["stride"], st["act"], st["se"]))
         res = kwargs.get("resolutions")
         if isinstance(res, dict):  # {min, max, step} shorthand
             _reject_unknown(res, ("min", "max", "step"), "space: resolutions")
-            kwargs["resolutions"] = tuple(range(res["min"], res["max"] + 1, res.get("step", 4)))
+            lo, hi, step = (res.get(k, d) for k, d in (("min", None), ("max", None), ("step", 4)))
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (lo, hi, step)) \
+                    or not lo <= hi <= cls.LIMITS["resolution"]:
+                raise ValueError(f"space: resolutions: min, max and step must be positive integers with "
+                                 f"min <= max <= {cls.LIMITS['resolution']}, got {res}")
+            kwargs["resolutions"] = tuple(range(lo, hi + 1, step))
         for name in ("depth_choices", "kernel_choices", "expand_choices", "resolutions"):
             if name in kwargs:
                 kwargs[name] = _int_list(kwargs[name], f"space: {name}")

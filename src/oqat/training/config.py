@@ -45,15 +45,20 @@ class TrainConfig:
     device: str = "auto"
 
     def check(self, where: str) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"{where}.lr: must be > 0, got {self.lr}")
-        if self.num_random < 0:
-            raise ValueError(f"{where}.num_random: must be >= 0, got {self.num_random}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"{where}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        """Every range a run needs, named by key (numbers are already finite: utils.config)."""
+        rules = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                 ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 (or null)"),
+                 ("lr", self.lr > 0, "> 0"), ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, lr]"),
+                 ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                 ("weight_decay", self.weight_decay >= 0, ">= 0"), ("num_random", self.num_random >= 0, ">= 0"),
+                 ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                 ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 (or null)"),
+                 ("log_every", self.log_every >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 0, ">= 0"),
+                 ("eval_images", self.eval_images >= 0, ">= 0 (0: off)"),
+                 ("calib_images", self.calib_images >= 1 or self.eval_images == 0, ">= 1 when eval_images > 0")]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{where}.{name}: must be {rule}, got {getattr(self, name)}")
 
 
 @dataclass

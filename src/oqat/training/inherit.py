@@ -7,6 +7,7 @@ quantizer's clipping range almost unchanged while the grid halves.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -30,8 +31,8 @@ def inherit_bits(state_dict: dict[str, torch.Tensor], from_bits: int, to_bits: i
         raise ValueError(f"to_bits: {to_bits} is not supported; use {min(QUANT_BITS)}..{max(QUANT_BITS)}")
     if to_bits >= from_bits:
         raise ValueError(f"to_bits: {to_bits} must be lower than from_bits {from_bits}: inheritance only removes bits")
-    if not factor > 0:
-        raise ValueError(f"factor: must be positive, got {factor}")
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor: must be a positive finite number, got {factor}")
     steps = [k for k in state_dict if k.endswith(".step")]
     if not steps:
         raise ValueError("state_dict has no '.step' entries: not a quantized oqat supernet")

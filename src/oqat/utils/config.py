@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,32 @@ import yaml
 from .files import read_text
 
 T = TypeVar("T")
+
+# A decimal number as YAML 1.2 and Python read it (1e-3, -2.5E+4, .5); YAML 1.1 takes 1e-3 for a string.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+MAX_CONFIG_BYTES = 1 << 20     # a config is a few KB; a larger file is a mistake or an attack
+MAX_YAML_NODES = 100_000       # values after expanding aliases: a "billion laughs" file has 10^9
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of the YAML document with every alias expanded (aliases share nodes, so memoised)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a recursive alias counts once
+        children = node.value if isinstance(node.value, list) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        memo[key] = 1 + sum(_expanded_size(c, memo) for c in children)
+        if memo[key] > MAX_YAML_NODES:
+            raise ValueError(f"more than {MAX_YAML_NODES} values once its aliases (*name) are expanded; refused")
+    return memo[key]
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """One line: the problem and where (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _describe(tp: Any) -> str:
@@ -65,8 +93,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -114,17 +146,27 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_yaml(text: str, where: str):
-    """YAML text as Python data, or ValueError naming `where`."""
+    """YAML text as Python data (safe types only, at most MAX_YAML_NODES values with aliases
+    expanded), or a one-line ValueError naming `where`."""
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {})
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{where}: invalid YAML: {exc}") from None
+        raise ValueError(f"{where}: invalid YAML: {_yaml_error(exc)}") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str | Path, what: str = "config file", mapping: bool = True) -> Any:
     """A YAML file's data; with `mapping` (configs) an empty file is ``{}`` and anything but a
     mapping at the top level is an error naming the file."""
-    data = parse_yaml(read_text(path, what), str(path))
+    data = parse_yaml(read_text(path, what, MAX_CONFIG_BYTES), str(path))
     if not mapping:
         return data
     if data is None:
@@ -152,9 +194,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if not part or not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw, f"--set {item!r}")
     return data
 
 
