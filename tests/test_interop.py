@@ -18,8 +18,10 @@ than the tolerance); a mis-assigned key of another shape fails the converter's s
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ from oqat.interop import bits_from_name, detect_layout, from_ofa, from_oqa, key_
 from oqat.interop import layout as layout_mod
 from oqat.interop import ofa as ofa_mod
 from oqat.models import Checkpoint, build_supernet, load_checkpoint, load_supernet
-from oqat.space import SearchSpace
+from oqat.space import Arch, SearchSpace, cost
 
 TOL = 1e-4
 RESOLUTIONS = (128, 160, 192, 224)
@@ -486,6 +488,22 @@ def test_convert_cli_writes_checkpoints_that_load(tmp_path, ofa10, ofa_oqa):
     assert ckpt.bits == 2 and ckpt.config["model"]["unsigned_activations"] is True
     assert all(not m.act_quant.signed for m in net.modules() if getattr(m, "act_quant", None) is not None)
     assert _compare_oqa(ref, net.eval(), arch, seed=3) <= TOL
+
+
+def test_shipped_oqa_subnets_have_the_published_costs():
+    """configs/oqa-subnets: the OQA README's 19 Pareto subnets; oqat's cost model must give the
+    README's MMACs and parameter counts (OFA's count_net_flops / count_parameters) to the digit."""
+    space = SearchSpace.preset("mbv3-imagenet")
+    files = sorted((Path(__file__).resolve().parent.parent / "configs" / "oqa-subnets").glob("*.json"))
+    per_bits: dict[int, int] = {}
+    for path in files:
+        arch = space.validate(Arch.load(path))
+        published = json.loads(path.read_text())["published"]
+        per_bits[arch.bits] = per_bits.get(arch.bits, 0) + 1
+        assert abs(cost.macs(space, arch) / 1e6 - published["mmacs"]) < 5e-4, path.name
+        assert abs(cost.params(space, arch) / 1e6 - published["params_m"]) < 5e-4, path.name
+        assert path.stem == f"{arch.bits}bit-{round(published['mmacs'])}M"
+    assert per_bits == {4: 7, 3: 6, 2: 6}
 
 
 def test_bits_and_layout_from_the_file():

@@ -44,6 +44,6 @@ def run(args) -> int:
         space = SearchSpace.resolve(args.space, base_dir=Path.cwd())
     done = convert_file(args.src, args.out, source=args.source, bits=args.bits, space=space)
     print(f"wrote {done.describe()}")
-    step = "" if done.bits == 32 else f" --bits {done.bits}"
-    print(f"next: oqat eval --ckpt {done.out} --data-root IMAGENET --split test --largest{step}")
+    print(f"next: oqat eval --ckpt {done.out} --data-root IMAGENET --split test --largest (README, "
+          "\"Start from the published supernets\")")
     return 0
