@@ -12,7 +12,7 @@ subnets whose published row also gives a 2-bit top-1). Measurement is oqat's: BN
 ``--calib-images`` held-out training images (OFA: 2000), top-1 on ImageNet val (``--split test``;
 ``--eval-images N`` for a seeded subset). oqat loads val images at the space's largest resolution
 (Resize(256) + CenterCrop(224)) and resizes each batch to the subnet's r, where OFA/OQA resize
-every image to int(r/0.875) and centre-crop r: figures at r < 224 may differ slightly from the
+every image to ceil(r/0.875) and centre-crop r: figures at r < 224 may differ slightly from the
 published ones for that reason alone (docs/interop.md).
 """
 
