@@ -171,6 +171,21 @@ def test_ofa_width_1_2_supernet_gives_the_same_logits():
     assert _max_diff(ofa12, _archs(imported.space, 2, seed=1), _from_ofa) <= TOL
 
 
+def test_converted_fp_supernet_starts_a_quantized_run(ofa10):
+    """What `--init` / stages.supernet.init does with it: a 4-bit supernet of the same space takes
+    the weights; its quantizers are uninitialised, so their steps come from the first batch."""
+    imported = from_ofa(ofa10.state_dict())
+    net = build_supernet(imported.space, 4)
+    net.load_state_dict(imported.model)
+    quantizers = [m for m in net.modules() if hasattr(m, "initialized")]
+    assert len(quantizers) == 128 and not any(bool(q.initialized) for q in quantizers)
+    assert torch.equal(net.blocks[3].depthwise.weight, imported.model["blocks.3.depthwise.weight"])
+    net.set_arch(imported.space.smallest(4))
+    with torch.no_grad():
+        net.train()(torch.randn(2, 3, 128, 128))
+    assert all(bool(q.initialized) for q in net.first_block.modules() if hasattr(q, "initialized"))
+
+
 def test_both_key_spellings_are_read(ofa10):
     sd = ofa10.state_dict()
     published = {layout_mod.published_key(k): v for k, v in sd.items()}
