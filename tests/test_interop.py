@@ -466,6 +466,18 @@ def test_signed_activations_are_caught(ofa_oqa):
         _compare_oqa(ref, _oqat_net(from_oqa(sd, 4), unsigned=False), arch)
 
 
+@pytest.mark.parametrize("a,b,where", [
+    ("blocks.3.expand.weight_quant.step", "blocks.3.expand.act_quant.step", "quantized weight"),   # sw <-> sa
+    ("blocks.2.project.act_quant.step", "blocks.3.project.act_quant.step", "quantized input"),    # two blocks' sa
+])
+def test_a_wrong_step_map_is_caught(ofa_oqa, monkeypatch, a, b, where):
+    arch = SearchSpace.preset("mbv3-imagenet").largest().replace(r=128)
+    sd, ref = _oqa_case(ofa_oqa, 4, arch)
+    monkeypatch.setattr(ofa_mod, "key_pairs", _swapped(a, b))
+    with pytest.raises(AssertionError, match=where):
+        _compare_oqa(ref, _oqat_net(from_oqa(sd, 4)), arch)
+
+
 def test_oqat_quantized_supernet_round_trips_through_oqa_layout(ofa_oqa):
     sd, _ = _oqa_case(ofa_oqa, 3, None, seed=2)
     imported = from_oqa(sd, 3)
