@@ -70,14 +70,16 @@ def test_matches_reference_on_edge_cases(bits, signed, impl):
     levels = out / s
     assert torch.equal(levels, levels.round())
     assert levels.min().item() == qn and levels.max().item() == qp
-    # ties round half to even, the bounds pass gradient, beyond them nothing
+    # ties round half to even; grid points strictly inside pass gradient (LSQ eq. 5), the bounds
+    # themselves and everything beyond them pass nothing
     n = qp - qn + 1
     ties = levels[0, n:2 * n - 1]
     assert torch.all(ties.remainder(2) == 0)
-    assert torch.equal(gx[0, :n], upstream[0, :n])
+    assert torch.equal(gx[0, 1:n - 1], upstream[0, 1:n - 1])
+    assert gx[0, 0].item() == 0 and gx[0, n - 1].item() == 0
     beyond = slice(2 * n - 1, 2 * n + 5)
     assert torch.all(gx[0, beyond] == 0)
-    assert torch.all(gx[0, 2 * n + 5:2 * n + 7] == upstream[0, 2 * n + 5:2 * n + 7])
+    assert torch.all(gx[0, 2 * n + 5:2 * n + 7] == 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -145,6 +147,65 @@ def test_gradient_scale_follows_numel(impl):
     _, _, g_unit = _run(lsq_quantize, x, torch.tensor(0.3), 4, True, torch.ones_like(x),
                         grad_scale_factor=1.0, impl=impl)
     assert g_unit.item() == pytest.approx(g1.item() * math.sqrt(x.numel() * 7), rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bounds_pass_no_gradient_to_x(impl):
+    """LSQ eq. 5: the STE is 1 strictly inside Qn < v < Qp; exactly at a bound x gets nothing and
+    d out/ds is the clipped value (Qn or Qp), not round(v) - v = 0."""
+    # bits 2 signed: grid -2..1; s = 0.5; N = 4; g = 1/sqrt(4*1) = 0.5; v = [-2, 1, 0.6, -1]
+    x = torch.tensor([-1.0, 0.5, 0.3, -0.5])
+    up = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out, gx, gs = _run(lsq_quantize, x, torch.tensor(0.5), 2, True, up, impl=impl)
+    assert out.tolist() == [-1.0, 0.5, 0.5, -0.5]
+    assert gx.tolist() == [0.0, 0.0, 3.0, 4.0]
+    # d out/ds: bounds Qn = -2 and Qp = 1, inside round(v) - v = [0.4, 0]
+    assert gs.item() == pytest.approx((1.0 * -2 + 2.0 * 1 + 3.0 * 0.4 + 4.0 * 0.0) * 0.5, abs=1e-6)
+    # unsigned: a zero input sits on Qn = 0 (what ReLU outputs are) and passes nothing either
+    x = torch.tensor([0.0, 0.25, 3.5, 1.0])
+    _, gx, gs = _run(lsq_quantize, x, torch.tensor(0.25), 4, False, torch.ones(4), impl=impl)
+    assert gx.tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert gs.item() == pytest.approx(0.0, abs=1e-7)  # Qn = 0, then round(v) - v = 0 for v = 1, 14, 4
+
+
+def _oqa_quantize(v: torch.Tensor, s: torch.Tensor, bits: int, activation: bool) -> torch.Tensor:
+    """OQA's published LSQ (elastic_nn/modules/lsq_conv.py), written from its formula: the step's
+    gradient scaled by 1/sqrt(N Qp), v/|s| clipped by hardtanh (no gradient at or beyond the
+    bounds), straight-through round, times |s|; activations unsigned, weights signed."""
+    qn, qp = (0, 2 ** bits - 1) if activation else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    g = 1.0 / math.sqrt(v.numel() * qp)
+    s = (s - s * g).detach() + s * g
+    t = torch.nn.functional.hardtanh(v / s.abs(), qn, qp)
+    return ((t.round() - t).detach() + t) * s.abs()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", [True, False])
+def test_matches_oqa_formula_with_a_step_of_shape_one(activation, impl):
+    """OQA and lsq-net store a step of shape (1,): lsq_quantize takes it and returns a gradient of
+    that shape, equal to OQA's on grid points, ties, both bounds and noise."""
+    bits, s = 3, 0.25
+    g = torch.Generator().manual_seed(21 + activation)
+    x = _edge_inputs(bits, not activation, s, g)
+    up = torch.randn(x.shape, generator=g)
+    step = torch.tensor([s])
+    out, gx, gs = _run(lsq_quantize, x, step, bits, not activation, up, impl=impl)
+    ref_out, ref_gx, ref_gs = _run(lambda v, st, b, sg: _oqa_quantize(v, st, b, activation), x, step, bits,
+                                   not activation, up)
+    assert gs.shape == (1,) and out.shape == x.shape
+    assert torch.equal(out, ref_out)
+    assert torch.equal(gx, ref_gx)
+    torch.testing.assert_close(gs, ref_gs, rtol=1e-5, atol=_step_tol(up, bits, not activation))
+    # the same numbers as with a 0-dim step
+    out0, gx0, gs0 = _run(lsq_quantize, x, torch.tensor(s), bits, not activation, up, impl=impl)
+    assert torch.equal(out, out0) and torch.equal(gx, gx0) and gs0.shape == ()
+    assert gs.item() == pytest.approx(gs0.item(), rel=1e-6, abs=1e-9)
+
+
+def test_step_must_have_one_element():
+    with pytest.raises(ValueError, match=r"step: expected a tensor of one element.*\(2,\)"):
+        lsq_quantize(torch.randn(4), torch.tensor([0.1, 0.2]), 4, True)
+    assert LSQQuantizer(4, signed=True).step.shape == ()  # the module keeps its 0-dim step
 
 
 def test_bad_arguments():

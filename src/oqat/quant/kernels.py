@@ -40,13 +40,13 @@ def _backward_kernel(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: torc
                      code: torch.Tensor):
     """Returns (grad_x, unscaled grad_s), with v = act(x)/s.
 
-    Inside the range the STE passes g on (times the activation's slope) and d(out)/ds =
-    round(v) - v; outside, x gets nothing and d(out)/ds = Qn or Qp. Values exactly on a boundary
-    count as inside (x gets the gradient, as in the LSQ paper; d(out)/ds = round(v) - v = 0 there).
+    Strictly inside the range (Qn < v < Qp) the STE passes g on (times the activation's slope)
+    and d(out)/ds = round(v) - v; at and beyond the bounds x gets nothing and d(out)/ds = clip(v),
+    i.e. Qn or Qp (LSQ eq. 5; OQA's hardtanh passes no gradient at its bounds either).
     """
     a, slope = _act_and_slope(x, code)
     v = a / s
-    inside = (v >= qn) & (v <= qp)
+    inside = (v > qn) & (v < qp)
     grad_x = torch.where(inside, g * slope, torch.zeros_like(g))
     q = torch.clamp(v, qn, qp).round()
     dsv = torch.where(inside, q - v, q)
@@ -72,7 +72,7 @@ def eager_forward(x, s, qn, qp, code):
 def eager_backward(g, x, s, qn, qp, code):
     a, slope = _eager_act(x, code)
     v = a / s
-    inside = (v >= qn) & (v <= qp)
+    inside = (v > qn) & (v < qp)
     grad_x = torch.where(inside, g if slope is None else g * slope, torch.zeros_like(g))
     q = torch.clamp(v, qn, qp).round()
     grad_s = (g * torch.where(inside, q - v, q)).sum()

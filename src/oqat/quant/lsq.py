@@ -6,8 +6,10 @@ through estimator for x (zero outside the clipping range) and the LSQ step gradi
 the preceding activation (ReLU/h_swish) folded in. ``impl="auto"`` picks, in order: native C
 kernels for CPU float32 tensors (:mod:`oqat.quant.native`, built once with the system compiler),
 ``torch.compile``'d kernels, eager PyTorch (:mod:`oqat.quant.kernels`); all give the same numbers
-(the step gradient up to summation order). :class:`LSQQuantizer` owns the shared step ``step``
-and its data-driven initialisation (averaged over data-parallel ranks).
+(the step gradient up to summation order). The STE passes gradient to x strictly inside the grid
+(``Qn < x/s < Qp``, LSQ eq. 5), none at the bounds. A step may be 0-dim or of shape ``(1,)`` (as
+OQA and lsq-net store it); its gradient has the step's shape. :class:`LSQQuantizer` owns the
+shared step ``step`` (0-dim) and its data-driven initialisation (averaged over data-parallel ranks).
 """
 
 from __future__ import annotations
@@ -88,24 +90,25 @@ class _LSQFunction(torch.autograd.Function):
             out = fwd(flat, s, *_constants(qn, qp, code, x.dtype, x.device))
             ctx.save_for_backward(flat, s, raw)
             sv, raw = None, None
-        ctx.consts = (scale, impl, native, x.shape, step.dtype, qn, qp, code, positive, sv, raw)
+        ctx.consts = (scale, impl, native, x.shape, step.dtype, step.shape, qn, qp, code, positive, sv, raw)
         return out if native is not None else out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        scale, impl, native, shape, step_dtype, qn, qp, code, positive, sv, raw = ctx.consts
+        scale, impl, native, shape, step_dtype, step_shape, qn, qp, code, positive, sv, raw = ctx.consts
         if native is not None:  # autograd hands us a gradient of the output's dtype and device
             (xc,) = ctx.saved_tensors
             grad_x, total = native.backward(grad_out.contiguous(), xc, sv, qn, qp, code)
             if positive:  # d max(|w|, eps)/dw = sign(w) where |w| >= eps, else 0
                 total = total * (math.copysign(1.0, raw) if abs(raw) >= STEP_EPS else 0.0)
-            grad_s = torch.tensor(total * scale, dtype=step_dtype) if ctx.needs_input_grad[1] else None
+            grad_s = (torch.tensor(total * scale, dtype=step_dtype).reshape(step_shape)
+                      if ctx.needs_input_grad[1] else None)
             return grad_x if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None, None, None
         flat, s, raw_t = ctx.saved_tensors
         _, bwd = select_kernels(impl, flat.device)
         g = _flat(grad_out)
         grad_x, grad_s = bwd(g, flat, s, *_constants(qn, qp, code, flat.dtype, flat.device))
-        grad_s = (grad_s * scale).to(step_dtype)
+        grad_s = (grad_s * scale).to(step_dtype).reshape(step_shape)
         if positive:
             grad_s = grad_s * torch.where(raw_t.abs() >= STEP_EPS, raw_t.sign(), 0.0)
         grad_step = grad_s if ctx.needs_input_grad[1] else None
@@ -113,12 +116,21 @@ class _LSQFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def _check_step(step: torch.Tensor) -> None:
+    if not isinstance(step, torch.Tensor) or step.numel() != 1:
+        shape = tuple(step.shape) if isinstance(step, torch.Tensor) else type(step).__name__
+        raise ValueError(f"step: expected a tensor of one element (shape () or (1,)), got {shape}")
+
+
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
                  grad_scale_factor: float | None = None, impl: str = "auto", act: str | None = None) -> torch.Tensor:
-    """Fake-quantize ``x`` to ``bits`` with step size ``step`` (a positive scalar tensor).
+    """Fake-quantize ``x`` to ``bits`` with step size ``step`` (a positive tensor of one element,
+    shape ``()`` or ``(1,)``; the step gradient has the same shape).
 
-    Forward ``round(clip(x/s, Qn, Qp)) * s``; backward is LSQ's, with the step gradient scaled by
-    ``grad_scale_factor`` (default ``1/sqrt(x.numel() * Qp)``). ``act`` ("relu" or "h_swish")
+    Forward ``round(clip(x/s, Qn, Qp)) * s``; backward is LSQ's (x gets the gradient strictly
+    inside ``Qn < x/s < Qp``; d out/ds is ``round(v) - v`` there and ``Qn``/``Qp`` at and beyond
+    the bounds), with the step gradient scaled by ``grad_scale_factor`` (default
+    ``1/sqrt(x.numel() * Qp)``). ``act`` ("relu" or "h_swish")
     quantizes ``act(x)`` instead, with the activation computed inside the same kernels (its
     gradient included): one pass over memory instead of two in each direction.
     """
@@ -126,6 +138,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
         raise ValueError(f"bits: {bits} is outside 2..16")
     if impl not in IMPLS:
         raise ValueError(f"impl: {impl!r} is not one of {list(IMPLS)}")
+    _check_step(step)
     code = act_code(act)
     act_fn = activation_fn(act)
     qn, qp = qrange(bits, signed)
@@ -159,9 +172,9 @@ def lsq_reference(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) 
     # ((step - step*g) + step*g may differ from step in the last bit and move boundary values).
     s = step.detach() + (step * g - (step * g).detach())
     v = x / s
-    # clip with the boundaries inside (they pass gradient to x), as the LSQ paper and the fused
-    # kernel do; torch.clamp's own gradient at the boundaries differs between torch versions
-    v = torch.where(v < qn, qn, torch.where(v > qp, qp, v))
+    # clip whose gradient to v is 1 strictly inside (Qn, Qp) and 0 at the bounds, as LSQ eq. 5 and
+    # OQA's hardtanh; spelled out because torch.clamp's gradient at the bounds differs between versions
+    v = torch.where(v <= qn, qn, torch.where(v >= qp, qp, v))
     v = v.round().detach() + (v - v.detach())  # straight-through round, exactly round(v)
     return v * s
 

@@ -70,7 +70,7 @@ void oqat_lsq_forward(const float* x, float* out, int64_t n, float s, float qn, 
     if (code == 1) { FWD_LOOP(1) } else if (code == 2) { FWD_LOOP(2) } else { FWD_LOOP(0) }
 }
 
-/* grad_x = g * act'(z) inside [Qn, Qp] (bounds included), 0 outside;
+/* grad_x = g * act'(z) strictly inside (Qn, Qp), 0 at and beyond the bounds;
    returns sum(g * (inside ? round(v) - v : clip(v))), v = act(z) / s, unscaled */
 #define BWD_LOOP(CODE)                                                                     \
     _Pragma("omp parallel for num_threads(nthreads) if(n >= PARALLEL_MIN) schedule(static) reduction(+:total)") \
@@ -81,7 +81,7 @@ void oqat_lsq_forward(const float* x, float* out, int64_t n, float s, float qn, 
         for (int64_t i = c0; i < c1; ++i) {                                                \
             float z = x[i];                                                                \
             float v = act_value(z, CODE) / s;                                              \
-            int inside = (v >= qn) & (v <= qp);                                            \
+            int inside = (v > qn) & (v < qp);                                              \
             float q = nearbyintf(v < qn ? qn : (v > qp ? qp : v));                         \
             gx[i] = inside ? g[i] * act_slope(z, CODE) : 0.0f;                             \
             part += g[i] * (inside ? q - v : q);                                           \

@@ -369,6 +369,20 @@ class SearchSpace:
         e = [v if i in active else self.expand_choices[0] for i, v in enumerate(arch.e)]
         return arch.replace(ks=tuple(ks), e=tuple(e))
 
+    def differences(self, other: "SearchSpace") -> str:
+        """What differs from `other`, for messages: ``num_classes 10 vs 100, stages[1].width 16 vs 24``."""
+        a, b = self.to_dict(), other.to_dict()
+        out = []
+        for k in self.KEYS:
+            if k == "stages" and a[k] != b[k]:
+                if len(a[k]) != len(b[k]):
+                    out.append(f"{len(a[k])} vs {len(b[k])} stages")
+                out += [f"stages[{i}].{f} {x[f]} vs {y[f]}" for i, (x, y) in enumerate(zip(a[k], b[k]))
+                        for f in x if x[f] != y[f]]
+            elif a[k] != b[k]:
+                out.append(f"{k} {a[k]} vs {b[k]}")
+        return ", ".join(out) or "nothing"
+
     def key(self, arch: Arch) -> str:
         """The canonical arch (unused slots normalised, bits included) as a compact JSON string:
         the one identity of a network for caches, dedupes and file names."""

@@ -55,7 +55,7 @@ def inherit_checkpoint(path: str | Path, to_bits: int, out: str | Path, factor: 
     """Write the `to_bits` starting checkpoint derived from the checkpoint at `path`."""
     ckpt = load_checkpoint(path)
     if expect_space is not None and ckpt.space != expect_space:
-        raise CheckpointError(f"{path}: checkpoint is for space {ckpt.space.name!r}, not {expect_space.name!r}")
+        raise CheckpointError(f"{path}: checkpoint is for another space ({ckpt.space.differences(expect_space)})")
     try:
         state = inherit_bits(ckpt.model, ckpt.bits, to_bits, factor)
     except ValueError as exc:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..data import DataConfig, build_data, calibration_subset, make_loader, resize_batch
 from ..measure import measure
 from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint
-from ..space import Arch, SearchSpace, normalize_bits
+from ..space import FULL_PRECISION, Arch, SearchSpace, normalize_bits
 from ..utils.config import to_dict
 from . import distributed
 from .config import TrainConfig, TrainRunConfig
@@ -124,15 +124,23 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, pro
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         resume_state = load_checkpoint(ckpt_path)
         if resume_state.space != space or resume_state.bits != bits:
-            raise CheckpointError(f"{ckpt_path}: saved for space {resume_state.space.name} at {resume_state.bits} bit, "
-                                  f"but the config asks for {space.name} at {bits} bit")
+            raise CheckpointError(f"{ckpt_path}: saved at {resume_state.bits} bit for another space or bit-width than "
+                                  f"the config's {bits} bit (space differences: {resume_state.space.differences(space)})")
         net.load_state_dict(resume_state.model)
         start_step = resume_state.step
     elif cfg.init:
         init = load_checkpoint(cfg.init)
         if init.space != space:
-            raise CheckpointError(f"{cfg.init}: --init checkpoint is for space {init.space.name!r}, "
-                                  f"which differs from this run's {space.name!r} (after setting classes/channels)")
+            raise CheckpointError(f"{cfg.init}: the --init checkpoint's space differs from this run's (after setting "
+                                  f"classes/channels from the data): {init.space.differences(space)}")
+        if init.bits not in (FULL_PRECISION, bits):
+            raise CheckpointError(f"{cfg.init}: a {init.bits}-bit checkpoint cannot start a {bits}-bit run (use a "
+                                  f"full-precision one, or bit inheritance: oqat inherit)")
+        init_unsigned = bool((init.config.get("model") or {}).get("unsigned_activations", False))
+        if init_unsigned != cfg.model.unsigned_activations:
+            raise CheckpointError(f"{cfg.init}: its model.unsigned_activations is {init_unsigned}, this run's "
+                                  f"{cfg.model.unsigned_activations}; set model.unsigned_activations to match "
+                                  f"(otherwise its quantizers would compute another network)")
         net.load_state_dict(init.model)
         log.info("initialised from %s (%s-bit, step %d)", cfg.init, init.bits, init.step)
 

@@ -30,7 +30,7 @@ def run(args) -> int:
         if space is None:
             space = ctx.space
         elif ctx.space.to_dict() != space.to_dict():
-            raise ValueError(f"--ckpt {path}: search space {ctx.space.name} differs from the first checkpoint's ({space.name})")
+            raise ValueError(f"--ckpt {path}: its search space differs from the first checkpoint's ({ctx.space.differences(space)})")
         if ctx.bits in fns:
             raise ValueError(f"--ckpt {path}: two checkpoints are {ctx.bits}-bit ({labels[ctx.bits]} and {path}); "
                              "give one per bit-width")
