@@ -8,26 +8,11 @@ carries code is rejected before any of it runs.
 
 from __future__ import annotations
 
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def _refusal(path: Path, exc: Exception) -> ValueError:
-    """The error for a file torch's safe loader refused (its own message suggests unsafe loading,
-    which we never pass on)."""
-    text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
-        found = _GLOBAL.search(text)
-        what = f" (it references {found.group(1)})" if found else ""
-        return ValueError(f"{path}: the file holds pickled Python objects or code beyond tensors{what}; "
-                          "it was not loaded")
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): {first}")
+from ..utils.files import load_torch_file
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -37,12 +22,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     model-zoo files). Every failure is a ValueError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled code, truncated zip, random bytes, ...
-        raise _refusal(path, exc) from None
+    data = load_torch_file(path, "PyTorch checkpoint")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(data).__name__}")
     if data.get("format") == "oqat-checkpoint":

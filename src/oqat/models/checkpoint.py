@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..space import SearchSpace, normalize_bits
-from ..utils.files import atomic_writer
+from ..utils.files import atomic_writer, load_torch_file
 from ..utils.version import __version__
 from .mobilenetv3 import build_supernet
 
@@ -71,16 +71,18 @@ class Checkpoint:
 _CORE_KEYS = {"format", "version", "kind", "space", "bits", "model", "step", "epoch", "config", "versions"}
 
 
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold NaN or infinity."""
+    return [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate a checkpoint; every failure is a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, random bytes...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable oqat checkpoint (truncated or foreign file?): {reason}") from None
+        data = load_torch_file(path, "checkpoint", map_location)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an oqat checkpoint (no '{FORMAT}' format tag)")
     if data.get("version") != VERSION:
@@ -96,6 +98,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = data["model"]
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
+    bad = nonfinite_tensors(model)
+    if bad:  # a diverged run's weights: evaluating, searching or inheriting them measures nothing
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); refused")
     return Checkpoint(
         space=space, bits=bits, model=model, step=int(data.get("step", 0)), epoch=int(data.get("epoch", 0)),
         config=data.get("config") or {}, kind=str(data.get("kind", "supernet")), versions=data.get("versions") or {},
@@ -117,4 +123,4 @@ def load_supernet(path: str | Path, map_location: str | torch.device = "cpu", **
     return net, ckpt
 
 
-__all__ = ["Checkpoint", "CheckpointError", "save_atomic", "load_checkpoint", "load_supernet", "library_versions"]
+__all__ = ["nonfinite_tensors", "Checkpoint", "CheckpointError", "save_atomic", "load_checkpoint", "load_supernet", "library_versions"]

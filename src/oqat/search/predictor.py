@@ -26,6 +26,7 @@ from torch import nn
 
 from ..models.checkpoint import save_atomic
 from ..space import Arch, SearchSpace
+from ..utils.files import load_torch_file
 from ..utils.stats import kendall_tau, rmse
 
 FORMAT = "oqat-predictor"
@@ -108,12 +109,7 @@ class Predictor:
     @classmethod
     def load(cls, path: str | Path) -> "Predictor":
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: predictor file not found")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable predictor file ({type(exc).__name__}: {exc})") from None
+        data = load_torch_file(path, "predictor file")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path}: not an oqat predictor (no '{FORMAT}' format tag)")
         if data.get("version") != VERSION:

@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from ..data import DataConfig, build_data, calibration_subset, make_loader, resize_batch
 from ..measure import measure
-from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint
+from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint, nonfinite_tensors
 from ..space import FULL_PRECISION, Arch, SearchSpace, normalize_bits
 from ..utils.config import to_dict
+from ..utils.devices import resolve_device
 from . import distributed
 from .config import TrainConfig, TrainRunConfig
 from .schedule import GlobalBatchSampler, lr_factor, step_archs
@@ -44,12 +45,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in net.named_parameters():
@@ -96,11 +91,16 @@ class TrainResult:
     model: Supernet | None = None
 
 
-def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train the supernet described by `cfg`, writing checkpoints and metrics to `out_dir`."""
+def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train the supernet described by `cfg`, writing checkpoints and metrics to `out_dir`.
+
+    A folder that already holds a run (``final.pt``, ``checkpoints/last.pt`` or ``metrics.jsonl``)
+    is refused unless `resume` continues it or `overwrite` replaces those files (and only them).
+    """
     tcfg = cfg.train
     out = Path(out_dir)
-    device = _device(tcfg.device)
+    device = resolve_device(tcfg.device, "train.device")
     info = distributed.init_from_env(device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
@@ -119,10 +119,22 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, pro
 
     start_step = 0
     resume_state = None
+    previous = [p for p in (out / "final.pt", ckpt_path, out / "metrics.jsonl") if p.exists() or p.is_symlink()]
+    if previous and not resume:
+        if not overwrite:
+            raise ValueError(f"{out}: already holds a training run ({', '.join(p.name for p in previous)}); "
+                             f"continue it with --resume, replace it with --overwrite, or choose another --out")
+        if info.is_main:
+            for p in previous:
+                p.unlink()
     if resume:
         if not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         resume_state = load_checkpoint(ckpt_path)
+        lacking = [k for k in ("optimizer", "scheduler") if k not in resume_state.extra]
+        if lacking:
+            raise CheckpointError(f"{ckpt_path}: holds no {' or '.join(lacking)} state (a final or converted "
+                                  f"checkpoint?); --resume needs the checkpoints/last.pt that training writes")
         if resume_state.space != space or resume_state.bits != bits:
             raise CheckpointError(f"{ckpt_path}: saved at {resume_state.bits} bit for another space or bit-width than "
                                   f"the config's {bits} bit (space differences: {resume_state.space.differences(space)})")
@@ -185,9 +197,15 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, pro
         if not tcfg.sync_bn:
             distributed.average_buffers(net)  # per-rank BN statistics -> one set, as every rank's
         states = _gather_rng_states(info)
+        state = net.state_dict()
+        bad = nonfinite_tensors(state)
+        if bad:  # the previous last.pt stays the last good one
+            raise TrainingDiverged(f"step {step}: non-finite weights ({', '.join(bad[:3])}); not saved. The last good "
+                                   f"checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no step was saved)'} "
+                                   f"(lower train.lr or add train.grad_clip)")
         if not info.is_main:
             return
-        Checkpoint(space=space, bits=bits, model=net.state_dict(), step=step, epoch=epoch, config=full_config,
+        Checkpoint(space=space, bits=bits, model=state, step=step, epoch=epoch, config=full_config,
                    extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "rng": states}).save(ckpt_path)
 

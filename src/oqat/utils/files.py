@@ -9,11 +9,13 @@ it, so an interruption leaves the old file or the new one, never half of one; co
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def plain_permissions(path: str | Path) -> None:
@@ -91,6 +93,35 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BY
         raise ValueError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_torch_file(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain data only, never code. Failures are a
+    ValueError naming the file; a file holding other objects is refused without torch's advice to
+    load it unsafely (never the right advice for a file of unknown origin)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a {what}")
+    if not path.is_file():
+        raise ValueError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied reading the {what}") from None
+    except Exception as exc:  # pickled code, truncated zip, random bytes, ...
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+            found = _GLOBAL.search(text)
+            refs = f" (it references {found.group(1)})" if found else ""
+            raise ValueError(f"{path}: the file holds pickled Python objects or code beyond tensors{refs}; "
+                             f"refused, nothing in it was loaded or run") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable {what} (truncated or another format?): {first}") from None
+
+
 def cache_dir() -> Path:
     """The user's oqat cache: ``$OQAT_CACHE``, else ``$XDG_CACHE_HOME/oqat``, else ``~/.cache/oqat``."""
     if os.environ.get("OQAT_CACHE"):
@@ -99,5 +130,5 @@ def cache_dir() -> Path:
     return Path(base) / "oqat"
 
 
-__all__ = ["atomic_writer", "cache_dir", "commit", "plain_permissions", "read_text", "temp_beside",
+__all__ = ["atomic_writer", "cache_dir", "commit", "load_torch_file", "plain_permissions", "read_text", "temp_beside",
            "write_text_atomic"]

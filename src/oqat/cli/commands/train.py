@@ -11,6 +11,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, final.pt")
     p.add_argument("--init", help="start from this checkpoint (FP supernet, or the output of `oqat inherit`)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the training run already in OUT (its final.pt, last.pt and metrics.jsonl only)")
     p.add_argument("--bits", type=int, help="override the config's bits")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
@@ -28,7 +30,7 @@ def run(args) -> int:
         overrides.append(f"init={args.init}")
     cfg = load_train_config(args.config, overrides)
     try:
-        result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except TrainingDiverged as exc:
         print(f"oqat train: {exc}", file=sys.stderr)
         return 3

@@ -35,7 +35,8 @@ def train_stage(ctx: StageContext, stage: Stage, folder: Path, resumed: bool, in
     cfg = TrainRunConfig(space=stage.spec["train_run"]["space"], bits=plan.bits, data=ctx.data.to_dict(),
                          model=dataclasses.replace(ctx.cfg.model), train=tc, init=init)
     resume = resumed and (folder / "checkpoints" / "last.pt").is_file()
-    result = train(cfg, folder, resume=resume, progress=ctx.progress)
+    # the stage folder is the pipeline's own: whatever a killed attempt left there is replaced
+    result = train(cfg, folder, resume=resume, overwrite=True, progress=ctx.progress)
     n, world = ctx.train_images, ctx.info.world_size
     images = result.steps * tc.batch_size * world
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) or v is None}
