@@ -144,7 +144,7 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
                   class_names: list[str] | None = None, source: dict | None = None, opset: int = DEFAULT_OPSET,
                   weights: str = "float", verification: VerificationData | None = None,
                   calibration: dict | None = None, progress: bool | None = None,
-                  int_mode: str = DEFAULT_MODE) -> ExportResult:
+                  int_mode: str = DEFAULT_MODE, int_float_weights: str = "float") -> ExportResult:
     """Write ``sub`` to ``out`` as ONNX (``fmt="onnx"``), integer ONNX (``"onnx-int"``, mode
     ``int_mode``, see :mod:`oqat.export.onnx_int`) or packed (``"oqat"``) and verify the file.
 
@@ -183,7 +183,8 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
             if fmt == "onnx":
                 model, _ = build_onnx(sub, info=info, opset=opset, weights=weights)
             else:
-                model, _, _ = build_onnx_int(sub, info=info, opset=opset, mode=int_mode)
+                model, _, _ = build_onnx_int(sub, info=info, opset=opset, mode=int_mode,
+                                             float_weights=int_float_weights)
             onnx.save_model(model, str(tmp))
         else:
             save_packed(sub, tmp, info)

@@ -58,6 +58,7 @@ from .meta import to_string_map
 from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, _check_supported, _scale_value, weight_codes
 
 MODES = ("exact", "fast")
+FLOAT_WEIGHTS = ("float", "int8")
 DEFAULT_MODE = "exact"
 MAX_BITS = 8
 BN_RANGE_SIGMAS = 6.0          # fast route: an intermediate covers beta +- 6 |gamma| of every channel
@@ -231,8 +232,8 @@ class _Q:
 
 
 class _IntGraph:
-    def __init__(self, mode: str, gain: bool):
-        self.mode, self.gain = mode, gain
+    def __init__(self, mode: str, gain: bool, float_weights: str = "float"):
+        self.mode, self.gain, self.float_weights = mode, gain, float_weights
         self.nodes: list = []
         self.inits: list = []
         self.codes: list[IntCodes] = []
@@ -252,6 +253,21 @@ class _IntGraph:
 
     def param(self, name: str, t: torch.Tensor) -> str:
         return self.const(name, t.detach().cpu().float().numpy())
+
+    def fp_weight(self, name: str, t: torch.Tensor) -> str:
+        """A full-precision layer's weight: float32, or (``float_weights="int8"``) int8 with one
+        symmetric scale per output channel (max|w| / 127) and a DequantizeLinear: 4x smaller,
+        computed in float; the only change to the network's arithmetic the integer form makes."""
+        w = t.detach().cpu().double().numpy()
+        if self.float_weights == "float":
+            return self.const(name, w.astype(np.float32))
+        scale = np.abs(w.reshape(w.shape[0], -1)).max(1) / 127.0
+        scale[scale == 0] = 1.0
+        codes = np.rint(w / scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.int8)
+        c = self.const(f"{name}.int8", codes)
+        s = self.const(f"{name}.int8_scale", scale.astype(np.float32))
+        z = self.const(f"{name}.int8_zero_point", np.zeros(w.shape[0], np.int8))
+        return self.op("DequantizeLinear", [c, s, z], f"{name}.dequantize", axis=0)
 
     def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
         self.nodes.append(helper.make_node(op_type, inputs, [self._new(name)], name=name, domain=domain or None,
@@ -410,10 +426,10 @@ class _IntGraph:
 
     def se(self, name: str, se: SqueezeExcite, x: str) -> str:
         y = self.op("GlobalAveragePool", [x], f"{name}.pool")
-        y = self.op("Conv", [y, self.param(f"{name}.reduce.weight", se.reduce.weight),
+        y = self.op("Conv", [y, self.fp_weight(f"{name}.reduce.weight", se.reduce.weight),
                              self.param(f"{name}.reduce.bias", se.reduce.bias)], f"{name}.reduce", kernel_shape=[1, 1])
         y = self.op("Relu", [y], f"{name}.relu")
-        y = self.op("Conv", [y, self.param(f"{name}.expand.weight", se.expand.weight),
+        y = self.op("Conv", [y, self.fp_weight(f"{name}.expand.weight", se.expand.weight),
                              self.param(f"{name}.expand.bias", se.expand.bias)], f"{name}.expand", kernel_shape=[1, 1])
         y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
         return self.op("Mul", [x, y], f"{name}.scale")
@@ -472,18 +488,24 @@ def _first_quantizer(block: MBConvBlock) -> tuple[str, LSQQuantizer]:
 
 
 def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, mode: str = DEFAULT_MODE,
-                   weight_gain: bool = True) -> tuple[onnx.ModelProto, list[IntCodes], list[IntLayer]]:
+                   weight_gain: bool = True, float_weights: str = "float"
+                   ) -> tuple[onnx.ModelProto, list[IntCodes], list[IntLayer]]:
     """The integer ONNX model of a quantized subnet, where each quantizer's codes are, and how
-    each conv was written. ValueError naming the layer for anything it cannot express."""
+    each conv was written. ValueError naming the layer for anything it cannot express.
+
+    ``float_weights="int8"`` stores the squeeze-excite and classifier weights as 8-bit (see
+    :meth:`_IntGraph.fp_weight`); the stem stays float32 (432 weights)."""
     if mode not in MODES:
         raise ValueError(f"onnx-int mode: {mode!r} is not one of {list(MODES)}")
+    if float_weights not in FLOAT_WEIGHTS:
+        raise ValueError(f"float weights: {float_weights!r} is not one of {list(FLOAT_WEIGHTS)}")
     if opset < 13:
         raise ValueError(f"opset: {opset} is too old; the integer form needs opset >= 13 (use 17)")
     _check_supported(sub)
     if not sub.arch.quantized:
         raise ValueError("onnx-int: the subnet is full precision; there is nothing to run on integer kernels "
                          "(export --format onnx)")
-    g = _IntGraph(mode, weight_gain)
+    g = _IntGraph(mode, weight_gain, float_weights)
     blocks = [("first_block", sub.first_block)] + [(f"blocks.{i}", b) for i, b in enumerate(sub.blocks)]
     for name, b in blocks:
         for part in ("expand", "depthwise", "project"):
@@ -509,7 +531,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
         y = g.quantize("feature_mix.act_quant", y, sub.feature_mix.act_quant)
         y = g.conv_to_float_act("feature_mix", sub.feature_mix, y, "the float classifier follows (no BN)")
         y = g.op("Flatten", [y], "flatten", axis=1)
-        g.nodes.append(helper.make_node("Gemm", [y, g.param("classifier.weight", sub.classifier.weight),
+        g.nodes.append(helper.make_node("Gemm", [y, g.fp_weight("classifier.weight", sub.classifier.weight),
                                                  g.param("classifier.bias", sub.classifier.bias)],
                                         [OUTPUT_NAME], name="classifier", transB=1))
     space, r = sub.space, sub.arch.r
@@ -522,6 +544,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     props = dict(info or {})
     props["integer"] = integer_info(mode, weight_gain, g.codes, g.layers)
+    props["integer"]["float_weights"] = float_weights
     helper.set_model_props(model, to_string_map(props))
     onnx.checker.check_model(model)
     return model, g.codes, g.layers
