@@ -502,7 +502,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
     if opset < 13:
         raise ValueError(f"opset: {opset} is too old; the integer form needs opset >= 13 (use 17)")
     _check_supported(sub)
-    if not sub.arch.quantized:
+    if not sub.arch.quantized or not any(isinstance(m, LSQQuantizer) and m.enabled for m in sub.modules()):
         raise ValueError("onnx-int: the subnet is full precision; there is nothing to run on integer kernels "
                          "(export --format onnx)")
     g = _IntGraph(mode, weight_gain, float_weights)
