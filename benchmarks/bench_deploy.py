@@ -23,16 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from bench_export import OQA_README, fresh_subnet  # noqa: E402
+
 from oqat import Arch, SearchSpace  # noqa: E402
 from oqat.export import deployable_from_checkpoint, export_subnet  # noqa: E402
-from oqat.export.deployment import DeploymentFiles, deployment_row, fp32_reference  # noqa: E402
-from oqat.export.onnx import export_onnx  # noqa: E402
 from oqat.export import openvino_check as ovc  # noqa: E402
+from oqat.export.deployment import DeploymentFiles, deployment_row, fp32_reference  # noqa: E402
+from oqat.export.meta import model_info, preprocessing_for  # noqa: E402
+from oqat.export.onnx import export_onnx  # noqa: E402
 from oqat.export.onnx_int import build_onnx_int  # noqa: E402
 from oqat.export.packed import save_packed  # noqa: E402
-from oqat.export.meta import model_info, preprocessing_for  # noqa: E402
 from oqat.utils.devices import threads as set_threads  # noqa: E402
 
 

@@ -7,7 +7,6 @@ import functools
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import numpy_helper

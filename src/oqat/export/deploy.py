@@ -17,7 +17,6 @@ from .meta import model_info, preprocessing_for
 from .onnx import DEFAULT_OPSET, build_onnx
 from .onnx_int import DEFAULT_MODE, build_onnx_int
 from .packed import load_packed, plain_permissions, save_packed
-from .verify_int import verify_onnx_int
 from .verify import (
     VerificationData,
     VerificationError,
@@ -27,6 +26,7 @@ from .verify import (
     verify_models,
     verify_onnx,
 )
+from .verify_int import verify_onnx_int
 
 FORMATS = ("onnx", "oqat", "onnx-int")
 

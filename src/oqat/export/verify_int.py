@@ -28,14 +28,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
 from onnx import numpy_helper
+from torch import nn
 
 from ..nn.layers import QConvBN
 from .onnx import INPUT_NAME, OUTPUT_NAME
 from .onnx_int import FLOAT_CONV_OPS, INT_CONV_OPS, IntCodes, codes_from_info
-from .verify import (MAX_CODE_DIFF, MAX_CODE_SHARE, VerificationError, VerifyReport, _batches, _Compare,
-                     quantizers_of, torch_forward)
+from .verify import (
+    MAX_CODE_DIFF,
+    MAX_CODE_SHARE,
+    VerificationError,
+    VerifyReport,
+    _batches,
+    _Compare,
+    quantizers_of,
+    torch_forward,
+)
 
 MIN_TOP1_INT = {2: 0.99}          # by bits; every other bit-width 0.995
 DEFAULT_MIN_TOP1_INT = 0.995
