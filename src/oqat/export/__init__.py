@@ -2,8 +2,8 @@
 low-bit weights and inference on image files. See docs/export.md."""
 
 from .deploy import Deployable, ExportResult, deployable_from_checkpoint, export_subnet
-from .meta import Preprocessing, model_info, preprocessing_for
 from .deployment import DeploymentFiles, DeploymentRow, deployment_row, fp32_reference
+from .meta import Preprocessing, model_info, preprocessing_for
 from .onnx import build_onnx, export_onnx, read_onnx_info
 from .onnx_int import build_onnx_int
 from .packed import load_packed, pack_bits, read_packed_info, save_packed, unpack_bits
