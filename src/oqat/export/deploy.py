@@ -15,6 +15,7 @@ from ..measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES, load_context
 from ..models import Checkpoint, load_checkpoint, load_supernet
 from .meta import model_info, preprocessing_for
 from .onnx import DEFAULT_OPSET, build_onnx
+from .onnx_int import DEFAULT_MODE, build_onnx_int
 from .packed import load_packed, plain_permissions, save_packed
 from .verify import (
     VerificationData,
@@ -25,8 +26,9 @@ from .verify import (
     verify_models,
     verify_onnx,
 )
+from .verify_int import verify_onnx_int
 
-FORMATS = ("onnx", "oqat")
+FORMATS = ("onnx", "oqat", "onnx-int")
 
 
 @dataclass
@@ -141,8 +143,10 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
                   verify_images: int = 256, seed: int = 0, batch_size: int = 32, accuracy: float | None = None,
                   class_names: list[str] | None = None, source: dict | None = None, opset: int = DEFAULT_OPSET,
                   weights: str = "float", verification: VerificationData | None = None,
-                  calibration: dict | None = None, progress: bool | None = None) -> ExportResult:
-    """Write ``sub`` to ``out`` as ONNX (``fmt="onnx"``) or packed (``"oqat"``) and verify the file.
+                  calibration: dict | None = None, progress: bool | None = None,
+                  int_mode: str = DEFAULT_MODE, int_float_weights: str = "float") -> ExportResult:
+    """Write ``sub`` to ``out`` as ONNX (``fmt="onnx"``), integer ONNX (``"onnx-int"``, mode
+    ``int_mode``, see :mod:`oqat.export.onnx_int`) or packed (``"oqat"``) and verify the file.
 
     ``sub`` is exported as it is: pass the deployable (BN re-calibrated) subnet and its
     ``calibration`` record (:class:`Deployable`), which the metadata stores; without one the
@@ -173,10 +177,14 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
     info = model_info(sub, prep, class_names=class_names, accuracy=accuracy, source=source, calibration=calibration)
     tmp = _temp_beside(out)
     try:
-        if fmt == "onnx":
-            model, _ = build_onnx(sub, info=info, opset=opset, weights=weights)
+        if fmt in ("onnx", "onnx-int"):
             import onnx
 
+            if fmt == "onnx":
+                model, _ = build_onnx(sub, info=info, opset=opset, weights=weights)
+            else:
+                model, _, _ = build_onnx_int(sub, info=info, opset=opset, mode=int_mode,
+                                             float_weights=int_float_weights)
             onnx.save_model(model, str(tmp))
         else:
             save_packed(sub, tmp, info)
@@ -186,6 +194,9 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
             if fmt == "onnx":
                 report = verify_onnx(tmp, sub, v.images, input_desc=v.description, batch_size=batch_size,
                                      progress=progress, labels=v.labels)
+            elif fmt == "onnx-int":
+                report = verify_onnx_int(tmp, sub, v.images, input_desc=v.description, batch_size=batch_size,
+                                         progress=progress, labels=v.labels)
             else:
                 report = verify_models(sub, load_packed(tmp), v.images, target="packed round trip",
                                        input_desc=v.description, batch_size=batch_size, labels=v.labels)

@@ -21,6 +21,7 @@ from .meta import Preprocessing
 from .onnx import read_onnx_info
 from .packed import load_packed
 from .verify import ort_session
+from .verify_int import int_session
 
 
 def detect_format(path: str | Path) -> str:
@@ -47,10 +48,16 @@ class ExportedModel:
         self.format = detect_format(self.path)
         if self.format == "onnx":
             self.info = read_onnx_info(self.path)
-            try:
-                self._session = ort_session(self.path, optimize=True, threads=threads)
-            except Exception as exc:
-                raise ValueError(f"{self.path}: onnxruntime cannot load the model: {exc}") from None
+            if "integer" in self.info:        # integer kernels: no QDQ folding, see verify_int
+                try:
+                    self._session = int_session(self.path, threads=threads)
+                except ValueError as exc:
+                    raise ValueError(f"{self.path}: {exc}") from None
+            else:
+                try:
+                    self._session = ort_session(self.path, optimize=True, threads=threads)
+                except Exception as exc:
+                    raise ValueError(f"{self.path}: onnxruntime cannot load the model: {exc}") from None
             self._input = self._session.get_inputs()[0].name
         else:
             self._net = load_packed(self.path)

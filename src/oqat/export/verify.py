@@ -94,6 +94,7 @@ class VerifyReport:
     tensors: list[TensorCheck] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
+    graph: dict | None = None        # integer files: node counts of onnxruntime's optimized graph
 
     @property
     def ok(self) -> bool:
@@ -148,9 +149,13 @@ class VerifyReport:
 
     def summary(self) -> str:
         """A few lines: the headline figures and the verdict."""
-        lines = [f"verification ({self.target}) on {self.images} inputs: {self.inputs}",
-                 f"  max |logit difference| {self.max_abs_diff:.3g} (largest |logit| {self.max_abs_logit:.3g}); "
-                 f"top-1 agreement {100 * self.top1_agreement:.2f}% ({self.top1_agree}/{self.images})"]
+        lines = [f"verification ({self.target}) on {self.images} inputs: {self.inputs}"]
+        if self.graph:
+            g = self.graph
+            lines.append(f"  optimized graph: {g['int_convs']} integer conv nodes for {g['expected_int']} quantized convs, "
+                         f"{g['float_convs']} float convs (full-precision layers: {g['allowed_float']})")
+        lines.append(f"  max |logit difference| {self.max_abs_diff:.3g} (largest |logit| {self.max_abs_logit:.3g}); "
+                     f"top-1 agreement {100 * self.top1_agreement:.2f}% ({self.top1_agree}/{self.images})")
         if self.labelled:
             lines.append(f"  top-1 on the {self.labelled} labelled images: exported {self.exported_top1:.2f}%, "
                          f"PyTorch subnet {self.reference_top1:.2f}%")

@@ -18,7 +18,14 @@ def register(sub) -> None:
                                    "verification fails. See docs/export.md.")
     p.add_argument("--ckpt", required=True, help="supernet checkpoint (its space and bits are used)")
     add_arch_args(p)
-    p.add_argument("--format", choices=("onnx", "oqat"), default="onnx", help="onnx (default) or oqat (packed)")
+    p.add_argument("--format", choices=("onnx", "oqat", "onnx-int"), default="onnx",
+                   help="onnx (QCDQ, default), oqat (packed) or onnx-int (integer kernels: QLinearConv/ConvInteger)")
+    p.add_argument("--int-mode", choices=("exact", "fast"), default="exact",
+                   help="onnx-int: exact (float epilogue after ConvInteger where h_swish, squeeze-excite or a "
+                        "residual follows; default) or fast (QLinearConv everywhere, one extra 8-bit rounding)")
+    p.add_argument("--int-float-weights", choices=("float", "int8"), default="float",
+                   help="onnx-int: squeeze-excite and classifier weights as float32 (default: the trained network "
+                        "exactly) or int8 per output channel (about 2.3x smaller files on mbv3-imagenet)")
     p.add_argument("-o", "--output", required=True, help="output file (e.g. model.onnx or model.oqat)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--onnx-weights", choices=("float", "int8"), default="float",
@@ -114,7 +121,8 @@ def run(args) -> int:
         result = export_subnet(dep.sub, args.output, args.format, config=ckpt.config, verify=not args.no_verify,
                                verify_images=args.verify_images, seed=args.seed, batch_size=args.batch_size,
                                accuracy=accuracy, class_names=names, source=source, opset=args.opset,
-                               weights=args.onnx_weights, verification=dep.verification, calibration=c)
+                               weights=args.onnx_weights, verification=dep.verification, calibration=c,
+                               int_mode=args.int_mode, int_float_weights=args.int_float_weights)
     except VerificationError as exc:
         if exc.report is not None:
             if args.table:

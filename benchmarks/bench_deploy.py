@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""The deployment table: FP32 / QCDQ / integer ONNX of one subnet, sizes, resident weights and
+latency (onnxruntime CPU, 1 thread by default), plus OpenVINO CPU as a second engine.
+
+(a) the OQA README ``mbv3-imagenet`` 4-bit subnet at 224 px and its 2-bit twin: random weights
+(steps initialised by one forward, BN calibrated on random inputs; speed does not depend on the
+weights); (b) with ``--ckpt`` (repeatable), a subnet of a trained checkpoint (e.g. Fashion-MNIST):
+exported through ``deployable_from_checkpoint`` + ``export_subnet`` (BN re-calibrated, verified on
+held-out images) in both integer modes, with the verification figures and the OpenVINO check.
+
+    python benchmarks/bench_deploy.py                                  # (a), 1 thread
+    python benchmarks/bench_deploy.py --skip-imagenet --ckpt runs/fm/final.pt --arch best.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_export import OQA_README, fresh_subnet  # noqa: E402
+
+from oqat import Arch, SearchSpace  # noqa: E402
+from oqat.export import deployable_from_checkpoint, export_subnet  # noqa: E402
+from oqat.export import openvino_check as ovc  # noqa: E402
+from oqat.export.deployment import DeploymentFiles, deployment_row, fp32_reference  # noqa: E402
+from oqat.export.meta import model_info, preprocessing_for  # noqa: E402
+from oqat.export.onnx import export_onnx  # noqa: E402
+from oqat.export.onnx_int import build_onnx_int  # noqa: E402
+from oqat.export.packed import save_packed  # noqa: E402
+from oqat.utils.devices import threads as set_threads  # noqa: E402
+
+
+def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
+    import onnx
+
+    info = model_info(sub, preprocessing_for(sub.space, sub.arch.r, None)[0])
+    fp32 = export_onnx(fp32_reference(sub), folder / f"{tag}-fp32.onnx")
+    qcdq = export_onnx(sub, folder / f"{tag}-qcdq.onnx", weights="int8")
+    paths = {}
+    for mode, fw in (("exact", "float"), ("fast", "float"), ("exact", "int8"), ("fast", "int8")):
+        model, _, _ = build_onnx_int(sub, info=info, mode=mode, float_weights=fw)
+        paths[(mode, fw)] = folder / f"{tag}-int-{mode}-{fw}.onnx"
+        onnx.save_model(model, str(paths[(mode, fw)]))
+    packed = save_packed(sub, folder / f"{tag}.oqat", info)
+    return DeploymentFiles(fp32=fp32, qcdq=qcdq, integer=paths[("exact", "float")], packed=packed,
+                           extra={"integer-fast": paths[("fast", "float")], "integer-int8fp": paths[("exact", "int8")],
+                                  "integer-fast-int8fp": paths[("fast", "int8")]})
+
+
+def openvino_rows(files: DeploymentFiles, shape, threads: int, runs: int) -> dict:
+    if not ovc.available():
+        return {"skipped": "openvino not installed"}
+    out = {}
+    for b in (1, 32):
+        out[str(b)] = ovc.openvino_latency({"fp32": files.fp32, "qcdq": files.qcdq}, b, shape, threads=threads,
+                                           runs=runs)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--bits", default="4,2")
+    p.add_argument("--skip-imagenet", action="store_true")
+    p.add_argument("--ckpt", action="append", default=[], help="trained checkpoint(s) for part (b)")
+    p.add_argument("--arch", help="arch JSON for --ckpt (default: the space's smallest at the checkpoint's bits)")
+    p.add_argument("--verify-images", type=int, default=500)
+    p.add_argument("--json", help="write every row here")
+    args = p.parse_args()
+    with set_threads(args.threads), torch.no_grad():
+        run(args)
+
+
+def run(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if not args.skip_imagenet:
+            space = SearchSpace.preset("mbv3-imagenet")
+            for bits in [int(b) for b in args.bits.split(",")]:
+                arch = Arch(**{**OQA_README, "r": args.resolution}, bits=bits)
+                sub, _, _ = fresh_subnet(space, arch, 0)
+                files = write_files(sub, folder, f"oqa{bits}")
+                row = deployment_row(files, subnet="mbv3-imagenet OQA README subnet (random weights)", bits=bits,
+                                     resolution=arch.r, threads=args.threads, runs=args.runs)
+                print(row.table())
+                ov = openvino_rows(files, (3, arch.r, arch.r), args.threads, args.runs)
+                print(f"OpenVINO CPU ({args.threads} thread(s)), ms: {json.dumps(ov)}\n", flush=True)
+                rows.append({**row.to_dict(), "openvino_ms": ov})
+        for ckpt in args.ckpt:
+            from oqat.models import load_checkpoint
+
+            header = load_checkpoint(ckpt)
+            arch = (Arch.from_dict(json.loads(Path(args.arch).read_text()).get("arch", json.loads(Path(args.arch).read_text())))
+                    if args.arch else header.space.smallest(header.bits))
+            arch = arch.replace(bits=header.bits)
+            dep = deployable_from_checkpoint(ckpt, arch, verify_images=args.verify_images)
+            reports = {}
+            for mode in ("exact", "fast", "exact+int8", "fast+int8"):
+                try:
+                    res = export_subnet(dep.sub, folder / f"ck-{mode}.onnx", "onnx-int", config=dep.ckpt.config,
+                                        verification=dep.verification, calibration=dep.calibration,
+                                        int_mode=mode.split("+")[0], progress=False,
+                                        int_float_weights="int8" if "+int8" in mode else "float")
+                    rep = res.report
+                except Exception as exc:           # VerificationError keeps the report
+                    rep = getattr(exc, "report", None)
+                    print(f"{mode}: {exc}")
+                print(f"--- {ckpt} ({header.bits}-bit), integer {mode}:")
+                print(rep.summary() if rep else "no report")
+                reports[mode] = rep.to_dict() if rep else None
+            qc = export_subnet(dep.sub, folder / "ck-qcdq.onnx", "onnx", config=dep.ckpt.config, weights="int8",
+                               verification=dep.verification, calibration=dep.calibration, progress=False)
+            ov = None
+            if ovc.available():
+                v = dep.verification
+                ov = ovc.verify_openvino(qc.path, dep.sub, v.images, labels=v.labels)
+                print(f"OpenVINO on the QCDQ file: convs {ov.precisions}, top-1 agreement "
+                      f"{100 * ov.top1_agreement:.2f}% ({ov.images} images), top-1 file/PyTorch "
+                      f"{100 * ov.exported_correct / max(ov.labelled, 1):.2f}/{100 * ov.reference_correct / max(ov.labelled, 1):.2f}% "
+                      f"{'PASSED' if ov.ok else 'FAILED: ' + '; '.join(ov.failures)}")
+            files = write_files(dep.sub, folder, "ck")
+            row = deployment_row(files, subnet=f"{header.space.name} {arch.to_json()}", bits=header.bits,
+                                 resolution=arch.r, in_channels=header.space.in_channels, threads=args.threads,
+                                 runs=args.runs)
+            print(row.table() + "\n", flush=True)
+            rows.append({**row.to_dict(), "verification": reports, "openvino": ov.to_dict() if ov else None})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The integer ONNX form (onnx-int): structure, codes, agreement, BN folding, bad input, predict."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from onnx import numpy_helper
+
+from oqat import SearchSpace, build_supernet
+from oqat.cli import main
+from oqat.export import ExportedModel, export_subnet
+from oqat.export.deployment import DeploymentFiles, cpu_isa, deployment_row, fp32_reference
+from oqat.export.onnx import build_onnx, export_onnx
+from oqat.export.onnx_int import build_onnx_int, choose_gains, fold, layer_gain
+from oqat.export.verify import torch_forward
+from oqat.export.verify_int import check_graph, verify_onnx_int, weight_codes_of
+from oqat.models import Checkpoint
+from oqat.nn.layers import QConvBN
+
+SPACE = SearchSpace.preset("mbv3-tiny")
+SYNTHETIC = {"name": "synthetic", "image_size": 32, "holdout": 64, "synthetic_size": 256}
+
+
+def _arch(bits):
+    return SPACE.smallest(bits).replace(r=24)
+
+
+@functools.cache
+def _trained(bits: int):
+    """A 24 px mbv3-tiny subnet at `bits`, trained 40 SGD steps on synthetic data, BN re-estimated:
+    real margins, so agreement is a meaningful test (random networks are chaotic)."""
+    from oqat import data as D
+
+    data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
+    x = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    y = torch.tensor([data.train[i][1] for i in range(len(data.train))])
+    torch.manual_seed(bits)
+    net = build_supernet(SPACE, bits, impl="eager")
+    arch = _arch(bits)
+    net.train()
+    with torch.no_grad():
+        net.set_arch(SPACE.largest(bits))
+        net(torch.randn(8, 3, 32, 32))
+    net.set_arch(arch)
+    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(D.resize_batch(x[idx], 24)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sub = net.extract(arch).eval()
+    from oqat.measure import recalibrate_bn
+
+    recalibrate_bn(sub, [D.resize_batch(x[i:i + 64], 24) for i in range(0, 192, 64)])
+    hx = torch.stack([data.holdout[i][0] for i in range(len(data.holdout))])
+    hy = torch.tensor([data.holdout[i][1] for i in range(len(data.holdout))])
+    return sub, D.resize_batch(hx, 24), hy
+
+
+def _ops(model):
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def _qconvs(sub):
+    return [m for m in sub.modules() if isinstance(m, QConvBN) and m.weight_quant is not None and m.weight_quant.enabled]
+
+
+# ----------------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("mode", ("exact", "fast"))
+def test_every_quantized_conv_is_an_integer_node_in_the_optimized_graph(bits, mode):
+    sub, _, _ = _trained(bits)
+    model, codes, layers = build_onnx_int(sub, mode=mode)
+    ops = _ops(model)
+    n = len(_qconvs(sub))
+    assert len(layers) == n and ops["QLinearConv"] + ops["ConvInteger"] == n
+    assert ops["Conv"] == 1 + 2 * sum(b.se is not None for b in sub.blocks)      # stem + SE stay float
+    if mode == "exact":
+        assert ops["QLinearConv"] == 0
+    else:
+        exact = [lay for lay in layers if lay.op == "ConvInteger"]
+        assert ops["ConvInteger"] == len(exact) and layers[-1].name == "feature_mix" and layers[-1].op == "ConvInteger"
+        assert all(lay.reason for lay in exact)              # no BN to fold, or a zero-variance channel
+    graph = check_graph(model, sub)
+    assert graph.int_convs == graph.expected_int == n and graph.float_convs <= graph.allowed_float
+    assert not graph.failures
+    # every quantizer's codes are recorded, weights as int8/uint8 initializers
+    assert {c.name for c in codes} == {k for k, m in sub.named_modules() if hasattr(m, "enabled") and m.enabled}
+
+
+def test_a_float_conv_in_place_of_a_quantized_one_fails_the_structural_check():
+    sub, _, _ = _trained(4)
+    qcdq, _ = build_onnx(sub)            # QCDQ: onnxruntime runs its convs in float
+    g = check_graph(qcdq, sub)
+    assert g.int_convs == 0 and any("runs in float" in f for f in g.failures)
+
+
+# ----------------------------------------------------------------------------------- codes, agreement
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_exact_mode_passes_every_criterion(bits):
+    sub, x, y = _trained(bits)
+    model, _, _ = build_onnx_int(sub, mode="exact")
+    rep = verify_onnx_int(model, sub, x, labels=y, progress=False)
+    assert rep.ok, rep.summary()
+    assert rep.max_code_diff <= 1 and max(t.share for t in rep.tensors) <= 0.001
+    assert rep.top1_agreement >= (0.99 if bits == 2 else 0.995)
+    assert rep.labelled == x.shape[0] and abs(rep.exported_top1 - rep.reference_top1) <= 0.2
+    assert len(rep.tensors) == 2 * len(_qconvs(sub))
+
+
+@pytest.mark.parametrize("bits", (2, 4))
+def test_fast_mode_moves_codes_by_at_most_one(bits):
+    """The fast route's extra 8-bit rounding: codes move, by one step, and the report says where."""
+    sub, x, _ = _trained(bits)
+    model, _, layers = build_onnx_int(sub, mode="fast")
+    rep = verify_onnx_int(model, sub, x, progress=False)
+    assert {lay.route for lay in layers} >= {"direct", "fast"}
+    assert rep.max_code_diff == 1 and rep.codes_differing > 0
+    assert all(t.share == 0 for t in rep.tensors if t.kind == "weight")
+
+
+def test_weight_codes_in_the_file_are_the_trained_codes():
+    sub, _, _ = _trained(3)
+    for mode in ("exact", "fast"):
+        model, codes, _ = build_onnx_int(sub, mode=mode)
+        got = weight_codes_of(model, codes)
+        _, ref = torch_forward(sub, torch.zeros(1, 3, 24, 24))
+        for name, c in got.items():
+            assert np.array_equal(c, ref[name].numpy()), name
+
+
+# ----------------------------------------------------------------------------------- BN folding
+def test_negative_bn_scales_negate_codes_and_keep_the_outputs():
+    sub, x, y = _trained(4)
+    import copy
+
+    sub = copy.deepcopy(sub)
+    with torch.no_grad():
+        for i, layer in enumerate(_qconvs(sub)):
+            if layer.bn is not None:
+                layer.bn.weight[i % 3::3] *= -1.0      # a third of each layer's channels flipped
+    model, codes, layers = build_onnx_int(sub, mode="fast")
+    weights = [c for c in codes if c.kind == "weight"]
+    assert sum(len(c.negated) for c in weights) > 20
+    name = f"{layers[0].name}.weight_quant.codes"
+    stored = numpy_helper.to_array({i.name: i for i in model.graph.initializer}[name])
+    w = next(c for c in weights if c.tensor == name)
+    ch = w.negated[0]
+    _, ref = torch_forward(sub, x[:1])
+    gain = w.gain[ch]
+    assert np.array_equal(stored[ch], -gain * ref[w.name].numpy()[ch])      # codes negated, times the gain
+    rep = verify_onnx_int(model, sub, x, progress=False)
+    assert rep.max_code_diff <= 1 and not [f for f in rep.failures if "integer conv" in f or "float" in f]
+    # the exact route folds nothing into the weights: codes as trained (uint8, zero point 128)
+    model, codes, _ = build_onnx_int(sub, mode="exact")
+    assert verify_onnx_int(model, sub, x, labels=y, progress=False).ok
+
+
+def test_gains_make_the_bias_finer_and_respect_int8_and_int16():
+    assert layer_gain(8, 15) == 15 and layer_gain(2, 3) == 63 and layer_gain(127, 255) == 1
+    assert 2 * 255 * layer_gain(4, 255) * 4 <= 32767                 # no int16 saturation without VNNI
+    g = choose_gains(np.array([8, 8]), np.array([0.5, 1 / 3]), 15)
+    assert g[0] % 2 == 0 and g[1] % 3 == 0                           # 0.5*2, (1/3)*3: exact integers
+
+
+def test_eight_bit_minus_128_with_negative_bn_scale_takes_the_exact_route():
+    import copy
+
+    sub = copy.deepcopy(_trained(8)[0])
+    layer = sub.blocks[0].expand
+    with torch.no_grad():
+        s = layer.weight_quant.effective_step()
+        layer.weight[0].view(-1)[0] = -200 * s                       # clipped to code -128
+        layer.bn.weight[0] = -abs(float(layer.bn.weight[0]))
+    with pytest.raises(ValueError, match="-128"):
+        fold("blocks.0.expand", layer, gain=True)
+    _, _, layers = build_onnx_int(sub, mode="fast")
+    lay = next(lay for lay in layers if lay.name == "blocks.0.expand")
+    assert lay.op == "ConvInteger" and "-128" in lay.reason
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_bad_inputs_are_clear_errors():
+    import copy
+
+    sub = copy.deepcopy(_trained(4)[0])
+    with pytest.raises(ValueError, match="full precision"):
+        build_onnx_int(fp32_reference(sub))
+    with pytest.raises(ValueError, match="mode"):
+        build_onnx_int(sub, mode="turbo")
+    bad = copy.deepcopy(sub)
+    bad.blocks[1].depthwise.weight_quant.bits = 12
+    with pytest.raises(ValueError, match=r"blocks\.1\.depthwise.*12 bits"):
+        build_onnx_int(bad)
+    bad = copy.deepcopy(sub)
+    with torch.no_grad():
+        bad.blocks[0].project.bn.running_var[2] = float("nan")
+    with pytest.raises(ValueError, match=r"blocks\.0\.project.*channel 2"):
+        build_onnx_int(bad)
+    zero = copy.deepcopy(sub)      # a channel constant on the calibration data: exact route, not an error
+    with torch.no_grad():
+        zero.blocks[0].depthwise.bn.running_var[1] = 0.0
+    _, _, layers = build_onnx_int(zero, mode="fast")
+    lay = next(lay for lay in layers if lay.name == "blocks.0.depthwise")
+    assert lay.op == "ConvInteger" and "zero variance" in lay.reason
+
+
+def test_onnxruntime_without_the_kernels_is_a_clear_error(monkeypatch):
+    import onnxruntime as ort
+
+    sub, x, _ = _trained(4)
+    model, _, _ = build_onnx_int(sub)
+
+    def refuse(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for ConvInteger")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    with pytest.raises(ValueError, match="cannot run the integer model.*NOT_IMPLEMENTED"):
+        verify_onnx_int(model, sub, x, progress=False)
+
+
+# ----------------------------------------------------------------------------------- export, predict, table
+def test_cli_export_onnx_int_and_predict(tmp_path, capsys):
+    from PIL import Image
+
+    ckpt = tmp_path / "c.pt"
+    # a checkpoint whose supernet has exactly this subnet's weights: re-extracting gives the same network
+    torch.manual_seed(2)
+    sup = build_supernet(SPACE, 2, impl="eager")
+    sup.train()
+    with torch.no_grad():
+        sup.set_arch(SPACE.largest(2))
+        sup(torch.randn(4, 3, 32, 32))
+    Checkpoint(space=SPACE, bits=2, model=sup.state_dict(), config={"data": dict(SYNTHETIC)}).save(ckpt)
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps({"arch": _arch(2).to_dict()}))
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--ckpt", str(ckpt), "--arch", str(arch), "--format", "onnx-int", "-o", str(out),
+                 "--verify-images", "32", "--calib-images", "64", "--calib-batch", "32", "--no-verify"])
+    assert code == 0 and out.is_file()
+    text = capsys.readouterr().out
+    assert "onnx-int" in text
+    m = ExportedModel(out)
+    assert "integer" in m.info and m.info["integer"]["mode"] == "exact"
+    img = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype(np.uint8)).save(img)
+    assert main(["predict", str(out), str(img), "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert 0 <= pred[0]["class"] < SPACE.num_classes
+
+
+def test_export_subnet_writes_a_verified_integer_file_and_its_deployment_row(tmp_path):
+    sub, x, y = _trained(4)
+    from oqat.export.verify import VerificationData
+
+    res = export_subnet(sub, tmp_path / "m.onnx", "onnx-int", verification=VerificationData(x, y, "held-out"),
+                        calibration={"recalibrated": True}, progress=False)
+    assert res.report.ok and res.report.graph["int_convs"] == len(_qconvs(sub))
+    logits = ExportedModel(res.path).logits(x[:4].numpy())
+    ref, _ = torch_forward(sub, x[:4])
+    assert (logits.argmax(1) == ref.numpy().argmax(1)).all()
+    fp = export_onnx(fp32_reference(sub), tmp_path / "fp.onnx")
+    row = deployment_row(DeploymentFiles(fp32=fp, integer=res.path), subnet="t", bits=4, resolution=24, runs=2,
+                         batches=(1, 2))
+    d = row.to_dict()
+    assert set(d["latency_ms"]) == {"fp32", "integer"} and d["latency_ms"]["integer"]["2"] > 0
+    assert d["file_bytes"]["integer"] < d["file_bytes"]["fp32"] and d["weight_bytes"]["integer"] > 0
+    assert d["isa"] == cpu_isa()["best"] and d["threads"] == 1 and "onnxruntime" in d["engine"]
+    assert "| integer |" in row.table()
+
+
+def test_cpu_isa_reads_flags(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("model name\t: Test CPU\nflags\t\t: fpu sse4_1 avx2 avx512bw avx512_vnni\n")
+    assert cpu_isa(f) == {"best": "avx512_vnni", "flags": ["avx512_vnni", "avx512bw", "avx2", "sse4_1"],
+                          "model": "Test CPU"}
+    f.write_text("Features\t: fp asimd asimddp\n")
+    assert cpu_isa(f)["best"] == "asimddp"
+
+
+def test_int8_float_weights_shrink_the_file():
+    sub, x, y = _trained(4)
+    a, _, _ = build_onnx_int(sub)
+    b, _, _ = build_onnx_int(sub, float_weights="int8")
+    assert len(b.SerializeToString()) < 0.8 * len(a.SerializeToString())
+    rep = verify_onnx_int(b, sub, x, labels=y, progress=False)
+    assert rep.top1_agreement >= 0.95 and rep.max_code_diff <= 1
+    with pytest.raises(ValueError, match="float weights"):
+        build_onnx_int(sub, float_weights="int4")
+
+
+def test_openvino_cross_check_on_the_qcdq_file(tmp_path):
+    pytest.importorskip("openvino")
+    from oqat.export import openvino_check as ovc
+
+    sub, x, y = _trained(4)
+    path = export_onnx(sub, tmp_path / "q.onnx", weights="int8")
+    rep = ovc.verify_openvino(path, sub, x, labels=y)
+    assert rep.int_convs == rep.expected_int == len(_qconvs(sub)), rep.precisions
+    assert rep.ok, rep.failures
+    lat = ovc.openvino_latency({"q": path}, 2, (3, 24, 24), runs=2)
+    assert lat["q"] > 0
