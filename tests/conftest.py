@@ -4,9 +4,14 @@ BN statistics, kernel transforms and step sizes non-trivial before comparing out
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
-import torch
+# The native LSQ kernels are built into a private folder of this test session, never into the
+# user's cache (tests must not depend on, or write to, what a previous run left there).
+os.environ.setdefault("OQAT_KERNEL_CACHE", tempfile.mkdtemp(prefix="oqat-test-kernels-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One intra-op thread by default: the tests run small tensors, where a second thread gains little,
 # and on a busy 2-core machine every OpenMP barrier can wait a whole scheduler slice for the other

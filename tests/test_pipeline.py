@@ -97,10 +97,14 @@ def test_every_stage_runs_and_records_its_results(done_run):
     rows = markers["export"]["results"]["exports"]
     assert len(rows) == sum(len(markers[f"search-{b}bit"]["results"]["chosen"]) for b in (4, 3, 2))
     for row in rows:
-        for fmt in ("onnx", "oqat"):
+        for fmt in ("onnx", "oqat", "onnx-int"):
             f = row["files"][fmt]
             assert (out / f["path"]).is_file() and f["verified"] is True
         assert row["latency_ms_torch"] > 0 and row["latency_ms_onnx"] > 0
+        d = row["deployment"]   # the deployment table: FP32 twin, QCDQ and integer files at batch 1 and 32
+        assert set(d["latency_ms"]) == {"fp32", "qcdq", "integer"} and all(
+            v["1"] > 0 and v["32"] > 0 for v in d["latency_ms"].values())
+        assert d["file_bytes"]["packed"] == row["files"]["oqat"]["size_bytes"] and d["isa"] and d["threads"] == 1
 
 
 def test_each_exported_file_scores_what_its_report_row_says(done_run):
@@ -137,7 +141,7 @@ def test_report_is_complete_and_self_contained(done_run):
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     for section in ("Summary", "Stages and time", "Supernet accuracy per bit-width", "Pareto fronts",
-                    "Chosen subnets", "Baseline comparison", "Configuration"):
+                    "Chosen subnets", "Deployment", "Baseline comparison", "Configuration"):
         assert f"## {section}" in md and f"<h2>{section}</h2>" in page
     for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (out / img).is_file() and (out / img).stat().st_size > 1000
@@ -376,4 +380,4 @@ def test_export_stage_exports_a_network_once_whatever_its_unused_slots(done_run,
     rows = export.run(ctx, stage, out / "export", False).exports
     assert [r.budget for r in rows] == ["first", "second"] and rows[1].same_as == "first"
     assert rows[1].files == rows[0].files
-    assert sorted(p.name for p in (out / "export").iterdir()) == ["4bit-first.onnx", "4bit-first.oqat"]
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["4bit-first.int.onnx", "4bit-first.onnx", "4bit-first.oqat"]

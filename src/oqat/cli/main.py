@@ -18,11 +18,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oqat", description="Once Quantization-Aware Training of low-bit supernets.")
     parser.add_argument("--version", action="version", version=f"oqat {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return parser
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line. An OSError names its file; a DataLoader worker's error arrives
+    wrapped around the worker's traceback, whose last line is the error itself."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        kind, _, message = last.partition(": ")
+        return message if kind.endswith(("Error", "Exception")) and message else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,17 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    where = f"oqat {args.command}"
     try:
         with threads(getattr(args, "threads", None), "--threads"):  # the verbs that take --threads
             return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
-        if args.verbose:
-            raise
-        print(f"oqat {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"oqat {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as exc:  # bad input, paths, permissions, full disks: one line, status 2
+        if args.debug:
+            raise
+        print(f"{where}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: say so in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"{where}: unexpected error (a bug in oqat?): {type(exc).__name__}: {one_line(exc)}; "
+              f"rerun with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

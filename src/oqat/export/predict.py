@@ -23,6 +23,8 @@ from .packed import load_packed
 from .verify import ort_session
 from .verify_int import int_session
 
+MAX_PIXELS = 64 * 10**6   # far above any classifier input; a larger file is a mistake or an attack
+
 
 def detect_format(path: str | Path) -> str:
     """"onnx" or "oqat" (packed), from the suffix or, failing that, the file's first bytes."""
@@ -100,9 +102,16 @@ def load_image(path: str | Path, prep: Preprocessing) -> torch.Tensor:
     if mode is None:
         raise ValueError(f"preprocessing.in_channels: {prep.in_channels} is not 1 or 3; cannot read images for it")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only: the size is known before any pixel
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"{path}: {w}x{h} pixels is more than an input image may have "
+                                 f"({MAX_PIXELS // 10**6} megapixels); refused")
             img = img.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError:
+        raise ValueError(f"{path}: an image of far more pixels than its file size suggests (a decompression "
+                         f"bomb?); refused") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
     r = prep.resolution
     if prep.crop_fraction < 1.0:

@@ -117,6 +117,9 @@ def load_context(ckpt_path: str | Path, *, split: str = "holdout", calib_images:
         raise ValueError(f"--split: {split!r} is not one of 'holdout', 'test'")
     if isinstance(calib_images, bool) or not isinstance(calib_images, int) or calib_images < 1:
         raise ValueError(f"--calib-images: expected a positive integer, got {calib_images!r}")
+    if eval_images is not None and (isinstance(eval_images, bool) or not isinstance(eval_images, int)
+                                    or eval_images < 1):
+        raise ValueError(f"--eval-images: expected a positive integer (or none for the whole split), got {eval_images!r}")
     dev = resolve_device(device)
     net, ckpt = load_supernet(ckpt_path, map_location=dev)
     net.to(dev).eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DataConfig
+from ..export.deploy import FORMATS as EXPORT_FORMATS
 from ..search import METRICS, Budget, CostModel, SearchConfig, check_budget_feasible
 from ..space import QUANT_BITS, Arch, SearchSpace
 from ..training import ModelConfig, TrainConfig
@@ -22,7 +23,6 @@ from ..utils.config import apply_overrides, from_dict, load_yaml
 
 # Stage keys that are shortcuts for the same key under the stage's `train` mapping.
 _STAGE_SHORTCUTS = ("epochs", "max_steps", "lr")
-EXPORT_FORMATS = ("onnx", "oqat")
 
 
 @dataclass

@@ -96,6 +96,7 @@ class ExportRow(_Record):
     files: dict[str, ExportedFile] = field(default_factory=dict)
     latency_ms_torch: float | None = None
     latency_ms_onnx: float | None = None
+    deployment: dict | None = None                 # oqat.export.deployment.DeploymentRow.to_dict()
     first_budget: str = ""
     same_as: str | None = None                     # an earlier row holds the same network
 

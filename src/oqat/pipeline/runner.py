@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +27,18 @@ from ..training import distributed
 from ..training.distributed import DistInfo
 from ..utils.config import apply_overrides, to_dict
 from ..utils.devices import resolve_device, threads
-from ..utils.files import write_text_atomic
+from ..utils.files import ensure_output_dir, escaping_links, folder_lock, write_text_atomic
 from ..utils.fmt import fmt_s
 from .config import RunConfig, config_from_dict, data_config, default_out, load_run_config, run_space
 from .context import StageContext
-from .markers import StageMismatch, discard_outputs, read_marker, write_marker
+from .markers import DamagedMarker, StageMismatch, discard_outputs, files_in, load_marker, write_marker
 from .plan import Stage, plan_stages
 from .report import write_report
 from .results import outcome_from_dict
 from .stages import RUNNERS
 from .summary import RUN_FILE, describe_run
+
+_DAMAGED = {"status": "damaged"}   # the marker of a stage whose stage.json cannot be read
 
 
 @dataclass
@@ -67,12 +70,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, str]:
-        """Per stage: "done", "partial" (started, same config), "changed" or "pending"."""
+        """Per stage: "done", "partial" (started, same config), "changed", "damaged" or "pending"."""
         out = {}
         for s in self.stages:
             m = self._marker(s)
             if m is None:
                 out[s.name] = "pending"
+            elif m is _DAMAGED:
+                out[s.name] = "damaged"
             elif m.get("hash") != s.hash:
                 out[s.name] = "changed"
             else:
@@ -80,15 +85,17 @@ class Pipeline:
         return out
 
     def check_changes(self, redo_changed: bool = False) -> list[str]:
-        changed = [s for s in self.stages if self.status()[s.name] == "changed"]
-        if changed and not redo_changed:
-            details = [f"{s.name} ({(self._marker(s) or {}).get('status', '?')} with another configuration)"
-                       for s in changed]
+        """The stages to discard and recompute: changed or damaged ones, only with `redo_changed`."""
+        status = self.status()
+        changed = [s for s in self.stages if status[s.name] == "changed"]
+        damaged = [s for s in self.stages if status[s.name] == "damaged"]
+        if (changed or damaged) and not redo_changed:
+            details = [f"{s.name} ({self._marker(s).get('status', '?')} with another configuration)" for s in changed]
+            details += [f"{s.name} (its {s.name}/stage.json is damaged; its outputs are kept)" for s in damaged]
             raise StageMismatch(
-                f"{self.out}: stage(s) {', '.join(details)}: the configuration changed since they ran. "
-                f"Rerun with --redo-changed to discard and recompute them (and what depends on them), "
-                f"or use another --out")
-        return [s.name for s in changed]
+                f"{self.out}: stage(s) {', '.join(details)}. Rerun with --redo-changed to discard and recompute "
+                f"them (and what depends on them), restore the marker, or use another --out")
+        return [s.name for s in changed + damaged]
 
     # ------------------------------------------------------------------ running
     def run(self, *, redo_changed: bool = False) -> RunResult:
@@ -100,13 +107,24 @@ class Pipeline:
         info = self._info = distributed.init_from_env(device)
         if device.type == "cuda" and info.enabled:
             device = torch.device("cuda", info.local_rank)
+        with ExitStack() as held:
+            if info.is_main:
+                ensure_output_dir(self.out)
+                links = escaping_links(self.out)
+                if links:
+                    raise ValueError(f"{links[0]}: a symbolic link to {links[0].resolve()}, outside the run folder; "
+                                     f"oqat never writes through such links: remove it"
+                                     + (f" (and {len(links) - 1} more)" if len(links) > 1 else ""))
+                held.enter_context(folder_lock(self.out))  # one invocation at a time in this folder
+            return self._run_stages(info, device, redo_changed)
+
+    def _run_stages(self, info: DistInfo, device: torch.device, redo_changed: bool) -> RunResult:
         ctx = StageContext(self.out, self.cfg, self.space, self.data, device, info, self.echo, self.progress)
         changed = self.check_changes(redo_changed)
         if info.is_main:
             for name in changed:
-                self._discard(name)
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+                self._discard(self.stage(name))
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             write_text_atomic(self.out / RUN_FILE, json.dumps(describe_run(self, device), indent=2) + "\n")
         self._barrier()
         ran, skipped = [], []
@@ -119,7 +137,7 @@ class Pipeline:
                 # An input was (re)computed in this invocation: this stage's outputs may be stale.
                 ctx.say(f"{banner}: recomputed because {', '.join(upstream_ran)} ran again")
                 if info.is_main:
-                    self._discard(stage.name)
+                    self._discard(stage, marker)
                 self._barrier()
                 marker = None
             if marker is not None and marker.get("status") == "complete" and marker.get("hash") == stage.hash:
@@ -131,13 +149,17 @@ class Pipeline:
                 continue
             resumed = marker is not None and marker.get("hash") == stage.hash
             attempts = int((marker or {}).get("attempts", 0)) + 1
+            # Files in the stage folder that this run did not write: recorded, left alone, reported.
+            preexisting = (marker or {}).get("preexisting") if resumed else self._foreign(stage)
             if info.is_main:
-                if marker is None and self.dir(stage.name).exists():
-                    self._discard(stage.name)  # leftovers without a marker: start the stage afresh
                 self.echo(f"{banner}: {stage.title}" + (" (continuing)" if resumed else ""))
+                if preexisting and not resumed:
+                    self.echo(f"   {self.dir(stage.name)} already holds {len(preexisting)} file(s) oqat did not "
+                              f"write ({', '.join(preexisting[:3])}); left alone")
                 write_marker(self.dir(stage.name), {"stage": stage.name, "status": "running", "hash": stage.hash,
                                                     "spec": stage.spec, "inputs": stage.inputs,
-                                                    "started": time.time(), "attempts": attempts})
+                                                    "started": time.time(), "attempts": attempts,
+                                                    "preexisting": preexisting or []})
             if stage.collective:  # the last stages (export) run on rank 0 alone: no collectives there
                 self._barrier()
             t0 = time.perf_counter()
@@ -145,7 +167,9 @@ class Pipeline:
             wall = time.perf_counter() - t0
             record = {"stage": stage.name, "status": "complete", "hash": stage.hash, "spec": stage.spec,
                       "inputs": stage.inputs, "title": stage.title, "results": outcome.to_dict(), "wall_s": wall,
-                      "finished": time.time(), "attempts": attempts, "resumed": resumed}
+                      "finished": time.time(), "attempts": attempts, "resumed": resumed,
+                      "preexisting": preexisting or [],
+                      "files": [f for f in files_in(self.dir(stage.name)) if f not in set(preexisting or [])]}
             if info.is_main:
                 write_marker(self.dir(stage.name), record)
                 self.echo(f"   {stage.name} finished in {fmt_s(wall)}")
@@ -168,22 +192,46 @@ class Pipeline:
         ctx.markers[stage.name] = marker
         ctx.outcomes[stage.name] = outcome_from_dict(stage.kind, marker["results"], f"{stage.name}/stage.json")
 
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
     def _marker(self, stage: Stage) -> dict | None:
         """The stage marker as rank 0 reads it, on every rank (a rank reading the file itself could
-        see rank 0's next write and take another branch, which deadlocks the collectives)."""
+        see rank 0's next write and take another branch, which deadlocks the collectives);
+        ``_DAMAGED`` for a marker that exists but cannot be read."""
+        def read():
+            try:
+                return load_marker(self.dir(stage.name))
+            except DamagedMarker:
+                return _DAMAGED
+
         if self._info is None or not self._info.enabled:
-            return read_marker(self.dir(stage.name))
-        box = [read_marker(self.dir(stage.name)) if self._info.is_main else None]
+            return read()
+        box = [read() if self._info.is_main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    @staticmethod
+    def _keep(stage: Stage) -> frozenset[str]:
+        """Files a discard keeps: a search's measurement cache (its entries carry their context)."""
+        return frozenset({"cache.jsonl"}) if stage.kind == "search" else frozenset()
+
+    def _foreign(self, stage: Stage) -> list[str]:
+        """Files already in a stage's folder before it starts (not written by this stage)."""
+        return [f for f in files_in(self.dir(stage.name)) if Path(f).name not in self._keep(stage)]
 
     def _barrier(self) -> None:
         if self._info is not None and self._info.enabled:
             dist.barrier()
 
-    def _discard(self, name: str) -> None:
-        """Remove a stage's outputs; a search keeps its measurement cache (its entries carry their context)."""
-        discard_outputs(self.dir(name), {"cache.jsonl"} if name.startswith("search-") else set())
+    def _discard(self, stage: Stage, marker: dict | None = None) -> None:
+        """Remove what the stage wrote (its marker says what) and report what stays."""
+        marker = marker if marker is not None else self._marker(stage)
+        kept = discard_outputs(self.dir(stage.name), None if marker is _DAMAGED else marker, self._keep(stage))
+        kept = [f for f in kept if Path(f).name not in self._keep(stage)]
+        if kept:
+            self.echo(f"   kept {len(kept)} file(s) in {self.dir(stage.name)} that oqat did not record writing: "
+                      f"{', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}")
 
 
 def run_pipeline(config: str | Path | dict | RunConfig, out: str | Path | None = None, *,

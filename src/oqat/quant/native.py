@@ -10,8 +10,11 @@ are called through ctypes for a few microseconds. The step-gradient sum is accum
 double precision.
 
 The shared library is cached under ``$OQAT_KERNEL_CACHE`` (default ``~/.cache/oqat/kernels``,
-or the temp directory when that is not writable), keyed by a hash of the source, the flags, the
-compiler and the CPU. ``library()`` returns None (and ``oqat.quant`` falls back to
+or a folder in the temp directory when that cannot be made), a folder that must be this user's
+and writable by nobody else (created 0700; checked, with the library file, before every load:
+another user's library is never run), keyed by a hash of the source, the flags, the compiler
+and the CPU's feature flags, and built under a file lock (one compile when several ranks start).
+The outcome, kernels or none, is decided once per process. ``library()`` returns None (and ``oqat.quant`` falls back to
 ``torch.compile`` or eager PyTorch) when no compiler works or the built kernels disagree with
 the eager ones on a self-test. ``OQAT_NATIVE_KERNELS=0`` disables them.
 """
@@ -24,13 +27,16 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..utils.files import cache_dir
 from .kernels import eager_backward, eager_forward  # the definition the kernels must match
 
 SOURCE = r"""
@@ -101,52 +107,101 @@ BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-std=c9
 
 
 def _cpu_id() -> str:
+    """The CPU's model and its feature flags: a ``-march=native`` library built for one CPU must
+    never load on another that lacks some instruction (SIGILL), as can happen in a shared home."""
+    keep = ("flags", "Features", "model name", "CPU implementer", "CPU part")
     try:
         with open("/proc/cpuinfo") as f:
+            seen: dict[str, str] = {}
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in keep and key not in seen:
+                    seen[key] = line.strip()
+            if seen:
+                return "\n".join(seen[k] for k in keep if k in seen)
     except OSError:
         pass
-    return platform.processor()
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can write (created 0700): a library in a folder that
+    another user can write could be replaced by theirs and run inside this process."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path}: not a folder (a symlink?); the kernel cache must be a real folder")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(f"{path}: owned by uid {st.st_uid}, not by you; refusing to load kernels from it")
+    if st.st_mode & 0o022:
+        raise PermissionError(f"{path}: other users may write into it (mode {stat.S_IMODE(st.st_mode):o}); "
+                              f"refusing to load kernels from it")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours and written only by us so far: keep it private from now on
+    return path
+
+
+def _own_file(path: Path) -> bool:
+    """Whether `path` is a regular file of this user that nobody else may write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+        raise PermissionError(f"{path}: not a private file of yours (owner {st.st_uid}, mode "
+                              f"{stat.S_IMODE(st.st_mode):o}); refusing to load it")
+    return True
 
 
 def _cache_dir() -> Path:
+    """``$OQAT_KERNEL_CACHE``, else ``<oqat cache>/kernels``, else a private folder in the temp dir."""
     env = os.environ.get("OQAT_KERNEL_CACHE")
     if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = Path(base) / "oqat" / "kernels"
+        return private_dir(Path(env))
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / f"oqat-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        return private_dir(cache_dir() / "kernels")
+    except OSError as exc:
+        if isinstance(exc, PermissionError) and "refusing" in str(exc):
+            raise
+    return private_dir(Path(tempfile.gettempdir()) / f"oqat-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` (one compile when several ranks start at once)."""
+    with open(path, "a") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: the atomic rename below still keeps builds consistent
+            pass
+        yield
 
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    cache = _cache_dir()
     last_error = ""
     for extra in (["-march=native"], []):
         flags = BASE_FLAGS + extra
-        key = hashlib.sha256("\0".join([SOURCE, " ".join(flags), version, platform.machine(), _cpu_id()])
+        key = hashlib.sha256("\0".join([SOURCE, " ".join(flags), cc, version, platform.machine(), _cpu_id()])
                              .encode()).hexdigest()[:16]
-        cache = _cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
         target = cache / f"lsq_{key}.so"
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "lsq.c"
-            src.write_text(SOURCE)
-            out = Path(tmp) / "lsq.so"
-            proc = subprocess.run([cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True, timeout=300)
-            if proc.returncode == 0:
-                os.replace(out, target)  # atomic: concurrent builders (DDP ranks) agree
+        with _locked(cache / f"lsq_{key}.lock"):
+            if _own_file(target):
                 return target
-            last_error = proc.stderr.strip()[-500:]
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src = Path(tmp) / "lsq.c"
+                src.write_text(SOURCE)
+                out = Path(tmp) / "lsq.so"
+                proc = subprocess.run([cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
+                                      timeout=300)
+                if proc.returncode == 0:
+                    os.chmod(out, 0o700)
+                    os.replace(out, target)  # atomic: a reader sees the old file or the whole new one
+                    return target
+                last_error = proc.stderr.strip()[-500:]
     raise RuntimeError(f"compiling the LSQ kernels failed: {last_error}")
 
 
@@ -205,7 +260,9 @@ def library() -> NativeKernels | None:
     if not cc:
         return None
     try:
-        kernels = NativeKernels(_build(cc))
+        path = _build(cc)
+        _own_file(path)  # checked again right before loading
+        kernels = NativeKernels(path)
         _self_test(kernels)
         return kernels
     except Exception as exc:  # no OpenMP, odd platform, failed self-test, ...
@@ -213,4 +270,4 @@ def library() -> NativeKernels | None:
         return None
 
 
-__all__ = ["library", "supports", "NativeKernels", "SOURCE"]
+__all__ = ["NativeKernels", "SOURCE", "library", "private_dir", "supports"]

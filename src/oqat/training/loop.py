@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load
 from ..space import FULL_PRECISION, Arch, SearchSpace, normalize_bits
 from ..utils.config import to_dict
 from ..utils.devices import resolve_device
+from ..utils.files import append_line, ensure_output_dir, escaping_links, folder_lock, write_text_atomic
 from . import distributed
 from .config import TrainConfig, TrainRunConfig
 from .schedule import GlobalBatchSampler, lr_factor, step_archs
@@ -97,13 +99,28 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, ove
 
     A folder that already holds a run (``final.pt``, ``checkpoints/last.pt`` or ``metrics.jsonl``)
     is refused unless `resume` continues it or `overwrite` replaces those files (and only them).
+    The folder is locked for the run (a second process on it is refused), and a link in it that
+    points outside it is an error, not a place to write through.
     """
-    tcfg = cfg.train
     out = Path(out_dir)
-    device = resolve_device(tcfg.device, "train.device")
+    device = resolve_device(cfg.train.device, "train.device")
     info = distributed.init_from_env(device)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
+    with ExitStack() as held:
+        if info.is_main:
+            ensure_output_dir(out)
+            links = escaping_links(out)
+            if links:
+                raise ValueError(f"{links[0]}: a symbolic link to {links[0].resolve()}, outside the training folder; "
+                                 f"oqat never writes through such links: remove it")
+            held.enter_context(folder_lock(out, "training folder"))
+        return _train(cfg, out, device, info, resume, overwrite, progress)
+
+
+def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distributed.DistInfo, resume: bool,
+           overwrite: bool, progress: bool) -> TrainResult:
+    tcfg = cfg.train
     data_cfg = DataConfig.from_dict(cfg.data)
     data = build_data(data_cfg)
     space = SearchSpace.resolve(cfg.space).replace(num_classes=data.num_classes, in_channels=data.in_channels)
@@ -189,8 +206,7 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, ove
         log.info("resumed from %s at step %d", ckpt_path, start_step)
 
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(full_config, sort_keys=False))
     metrics_file = out / "metrics.jsonl"
 
     def save(step: int, epoch: int) -> None:
@@ -211,8 +227,7 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, ove
 
     def emit(record: dict) -> None:
         if info.is_main:
-            with metrics_file.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_line(metrics_file, json.dumps(record))
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tcfg.amp
                 else torch.autocast("cpu", enabled=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...utils.files import ensure_output_dir
 from .eval import add_context_args, context_from_args
 
 
@@ -24,6 +25,7 @@ def run(args) -> int:
 
     if args.samples < 3:
         raise ValueError(f"--samples: need at least 3 subnets, got {args.samples}")
+    ensure_output_dir(args.out)
     fns, labels, space = {}, {}, None
     for path in args.ckpt:
         ctx = context_from_args(args, ckpt=path)

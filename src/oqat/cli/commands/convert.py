@@ -12,6 +12,7 @@ from pathlib import Path
 from ...interop import convert_file, export_file
 from ...interop.convert import SOURCES, TARGETS
 from ...space import SearchSpace
+from ...utils.files import ensure_output_file
 
 
 def register(sub) -> None:
@@ -32,6 +33,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    ensure_output_file(args.out, "-o/--out")
     if args.to is not None:
         if args.bits is not None or args.space is not None or args.source != "auto":
             raise ValueError("--to exports an oqat checkpoint as it is; --bits, --space and --from do not apply")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ...measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES
+from ...utils.files import ensure_output_file
 from ..args import add_arch_args, arch_from_args
 
 _CALIB_KEYS = {"calib_images": DEFAULT_CALIB_IMAGES, "calib_batch": DEFAULT_CALIB_BATCH, "calib_seed": 0}
@@ -100,6 +101,7 @@ def run(args) -> int:
     from ...models import load_checkpoint
     from ...utils.config import load_json
 
+    ensure_output_file(args.output, "-o/--output")
     if args.verify_images < 1:
         raise ValueError(f"--verify-images: expected a positive integer, got {args.verify_images}")
     if args.batch_size < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...training import DEFAULT_FACTOR, inherit_checkpoint
+from ...utils.files import ensure_output_file
 
 
 def register(sub) -> None:
@@ -18,7 +19,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"inherit-{args.bits}bit.pt")
+    out = ensure_output_file(Path(args.out) if args.out else Path(args.ckpt).with_name(f"inherit-{args.bits}bit.pt"),
+                             "-o/--out")
     path = inherit_checkpoint(args.ckpt, args.bits, out, args.factor)
     print(f"wrote {path}; continue with: oqat train CONFIG --bits {args.bits} --init {path} --out RUN")
     return 0

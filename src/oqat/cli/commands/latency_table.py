@@ -31,6 +31,7 @@ def run(args) -> int:
     from ...measure.latency import build_table, check_table, load_table, save_table
     from ...space import parse_int_list
     from ...utils.devices import resolve_device
+    from ...utils.files import ensure_output_file
 
     net = None
     if args.ckpt:
@@ -41,6 +42,8 @@ def run(args) -> int:
     else:
         space, bits = space_from_args(args), args.bits
     device = resolve_device(args.device)
+    if args.out:
+        ensure_output_file(args.out, "--out")
     if args.table:
         table = load_table(args.table, space)
         out = args.table

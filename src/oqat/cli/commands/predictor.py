@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...utils.files import ensure_output_file
 from .eval import add_context_args, context_from_args
 
 
@@ -68,7 +69,7 @@ def run_fit(args) -> int:
 
     if args.samples < 5:
         raise ValueError(f"--samples: need at least 5 subnets to fit and check a predictor, got {args.samples}")
-    out = Path(args.out)
+    out = ensure_output_file(args.out, "--out")
     ctx, direct, acc = _measurer(args, out.with_suffix(".cache.jsonl"))
     archs = sample_distinct(ctx.space, args.samples, ctx.bits, args.seed)
     accs = _measure_all(acc, archs, "measuring subnets")

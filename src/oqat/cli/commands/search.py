@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from ...utils.files import ensure_output_dir
 from .eval import add_context_args, context_from_args
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def run(args) -> int:
                                 parent_ratio=args.parent_ratio, mutation_ratio=args.mutation_ratio,
                                 mutate_prob=args.mutate_prob, seed=args.seed)
     init_from_env(resolve_device(args.device))
-    out = Path(args.out)
+    out = ensure_output_dir(args.out)  # before any measurement: an unwritable folder fails now, not later
 
     ctx = context_from_args(args, split="holdout") if args.ckpt else None
     direct = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from ...models import build_supernet
 from ...space import cost
+from ...utils.files import ensure_output_dir
 from ..args import add_space_args, space_from_args
 
 
@@ -75,7 +75,7 @@ def run(args) -> int:
               f"extract max|diff| {diff:.1e}")
         if diff > 1e-4:
             raise RuntimeError(f"extracted {name} subnet disagrees with the supernet (max |diff| {diff})")
-    out = Path(args.out)
+    out = ensure_output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "smoke.json").write_text(json.dumps({"space": space.name, "bits": args.bits,
                                                 "seconds": time.time() - start, "subnets": results}, indent=2))

@@ -71,7 +71,7 @@ class _Report:
     def build(self) -> list[Block]:
         (self.run.out / FILES).mkdir(parents=True, exist_ok=True)
         for section in (self.header, self.summary, self.stages, self.supernets, self.fronts, self.chosen,
-                        self.files, self.baseline_section, self.curves, self.configuration):
+                        self.files, self.deployment, self.baseline_section, self.curves, self.configuration):
             section()
         return self.blocks
 
@@ -217,6 +217,33 @@ class _Report:
         self.add("table", headers=["file", "format", "KiB", "verification", "top-1 agreement",
                                    ["held-out top-1", "file / PyTorch"], ["test top-1", "the file"],
                                    ["test top-1", "search"]], rows=rows, align=["l", "l", "r", "l", "r", "r", "r", "r"])
+
+    def deployment(self) -> None:
+        rows = [x for x in self.exports.values() if x.deployment and not x.same_as]
+        if not rows:
+            return
+        self.add("h2", "Deployment")
+        d0 = rows[0].deployment
+        self.add("p", f"Per exported subnet: file sizes, the weight memory a runtime holds, and the median latency "
+                      f"of {d0['runs']} interleaved runs at batch 1 and 32 on {d0['engine']}, {d0['threads']} thread, "
+                      f"on {d0['cpu'] or 'this CPU'} (best integer instruction set: {d0['isa']}). FP32 is the same "
+                      f"subnet with its quantizers disabled; QCDQ the `onnx` file, integer the `onnx-int` file; "
+                      f"x FP32 is FP32's latency over the file's (above 1: faster).")
+        for x in rows:
+            d = x.deployment
+            table = []
+            for kind in ("fp32", "qcdq", "integer", "packed"):
+                if kind not in d["file_bytes"]:
+                    continue
+                lat, sp = d["latency_ms"].get(kind, {}), d.get("speedup", {}).get(kind, {})
+                num = lambda v, f: "–" if v is None else f.format(v)  # noqa: E731
+                table.append([kind, f"{d['file_bytes'][kind] / 1024:.1f}",
+                              num(d["weight_bytes"].get(kind) and d["weight_bytes"][kind] / 1024, "{:.1f}"),
+                              num(lat.get("1"), "{:.2f}"), num(lat.get("32"), "{:.1f}"),
+                              f"{num(sp.get('1'), '{:.2f}')} / {num(sp.get('32'), '{:.2f}')}"])
+            self.add("p", f"**{bits_label(x.bits)} {x.budget}** ({arch_summary(self.run.space, x.arch)})")
+            self.add("table", headers=["file", "KiB", "resident weights KiB", "batch 1 ms", "batch 32 ms",
+                                       "x FP32 (1 / 32)"], rows=table, align=["l", "r", "r", "r", "r", "r"])
 
     def baseline_section(self) -> None:
         b = self.baseline

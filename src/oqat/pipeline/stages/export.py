@@ -10,16 +10,17 @@ import torch
 
 from ...export import ExportedModel, VerificationError, export_subnet
 from ...export.deploy import context_verification, unverified_path
-from ...export.verify import ort_session
+from ...export.deployment import DeploymentFiles, deployment_row, fp32_reference
+from ...export.onnx import export_onnx
 from ...measure import load_context
-from ...measure.latency import time_call, time_module
+from ...measure.latency import time_module
 from ...space import Arch
 from ...utils.devices import threads
 from ..context import StageContext
 from ..plan import Stage
 from ..results import ExportedFile, ExportOutcome, ExportRow
 
-SUFFIX = {"onnx": "onnx", "oqat": "oqat"}
+SUFFIX = {"onnx": "onnx", "oqat": "oqat", "onnx-int": "int.onnx"}
 
 
 def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> ExportOutcome:
@@ -40,8 +41,8 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> ExportO
             if key in done:
                 first = done[key]
                 rows.append(ExportRow(arch.bits, budget, arch.to_dict(), c.test_top1, first.files,
-                                      first.latency_ms_torch, first.latency_ms_onnx, first.first_budget,
-                                      same_as=first.first_budget))
+                                      first.latency_ms_torch, first.latency_ms_onnx, first.deployment,
+                                      first.first_budget, same_as=first.first_budget))
                 continue
             sub = measured.deployable(arch)
             verification = context_verification(measured, arch)
@@ -70,25 +71,35 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> ExportO
                          f"test top-1 {scored['top1']:.2f}% (search: {c.test_top1:.2f}%)")
             row = ExportRow(arch.bits, budget, arch.to_dict(), c.test_top1, files, first_budget=budget)
             if e.latency:
-                row.latency_ms_torch, row.latency_ms_onnx = latency(ctx, sub, arch, files.get("onnx"), e.latency_runs)
+                row.latency_ms_torch, row.deployment = latency(ctx, sub, arch, files, folder / f"{arch.bits}bit-{budget}",
+                                                               e.latency_runs)
+                row.latency_ms_onnx = ((row.deployment or {}).get("latency_ms", {}).get("qcdq") or {}).get("1")
             done[key] = row
             rows.append(row)
         del measured, test
     return ExportOutcome(rows, s.calib_images, s.calib_batch, s.seed)
 
 
-def latency(ctx: StageContext, sub, arch: Arch, onnx_file: ExportedFile | None, runs: int) -> tuple[float, float | None]:
-    """(PyTorch, onnxruntime) median ms at batch 1 on one thread, on that thread's CPU clock."""
+def latency(ctx: StageContext, sub, arch: Arch, files: dict[str, ExportedFile], base: Path,
+            runs: int) -> tuple[float, dict | None]:
+    """(PyTorch ms at batch 1 on one thread's CPU clock, the deployment row of the verified ONNX files).
+
+    The deployment row times the FP32 twin of the subnet (written beside the files as
+    ``<name>.fp32.onnx``), the QCDQ and the integer file interleaved at batch 1 and 32 on one
+    onnxruntime thread (:func:`oqat.export.deployment.deployment_row`).
+    """
     x = torch.randn(1, sub.space.in_channels, arch.r, arch.r)
     with threads(1):
         torch_ms = time_module(sub.cpu().eval(), x, warmup=3, repeats=runs, clock="cpu")
-        onnx_ms = None
-        if onnx_file is not None and onnx_file.verified is not False:
-            session = ort_session(str(ctx.out / onnx_file.path), threads=1)
-            feed = {session.get_inputs()[0].name: x.numpy()}
-            # one intra-op thread runs in this thread: its CPU time, as for PyTorch
-            onnx_ms = time_call(lambda: session.run(None, feed), 3, runs, clock="cpu")
-    return torch_ms, onnx_ms
+    ok = {fmt: ctx.out / f.path for fmt, f in files.items() if f.verified}
+    if not {"onnx", "onnx-int"} & set(ok):
+        return torch_ms, None
+    fp32 = base.with_name(base.name + ".fp32.onnx")
+    export_onnx(fp32_reference(sub), fp32)
+    row = deployment_row(DeploymentFiles(fp32=fp32, qcdq=ok.get("onnx"), integer=ok.get("onnx-int"), packed=ok.get("oqat")),
+                         subnet=base.name, bits=arch.bits, resolution=arch.r, in_channels=sub.space.in_channels,
+                         threads=1, runs=runs)
+    return torch_ms, row.to_dict()
 
 
 __all__ = ["run"]
