@@ -77,7 +77,7 @@ def test_checkpoint_round_trip_and_train_init(tmp_path, state4):
     net, _ = load_supernet(out)
     assert net.bits == 2
     other = SPACE.replace(name="other", feature_mix_channels=256)
-    with pytest.raises(CheckpointError, match="not 'other'"):
+    with pytest.raises(CheckpointError, match="another space \\(name mbv3-tiny vs other"):
         inherit_checkpoint(src, 2, tmp_path / "x.pt", expect_space=other)
 
     cfg = {"space": "mbv3-tiny", "bits": 2, "init": str(out),

@@ -9,7 +9,6 @@ it, so an interruption leaves the old file or the new one, never half of one; co
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import tempfile
 from collections.abc import Iterator
@@ -124,12 +123,12 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", map_location: An
         raise ValueError(f"{path}: permission denied reading the {what}") from None
     except Exception as exc:  # pickled code, truncated zip, random bytes, ...
         text = str(exc)
-        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
-            found = _GLOBAL.search(text)
-            refs = f" (it references {found.group(1)})" if found else ""
-            raise ValueError(f"{path}: the file holds pickled Python objects or code beyond tensors{refs}; "
-                             f"refused, nothing in it was loaded or run") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        found = _GLOBAL.search(text)
+        if found:  # torch's safe unpickler met an object (a class, a function) it will not build
+            raise ValueError(f"{path}: the file holds pickled Python objects or code beyond tensors (it references "
+                             f"{found.group(1)}); refused, nothing in it was loaded or run") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+        first = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
         raise ValueError(f"{path}: not a readable {what} (truncated or another format?): {first}") from None
 
 
