@@ -100,8 +100,9 @@ def _apply(x: torch.Tensor, step: torch.Tensor, *args) -> torch.Tensor:
     """``_LSQFunction.apply`` on the float32 grid: with autocast off while it runs (the compiled
     kernels would otherwise recompile under autocast's global state, and nothing inside should be
     cast); autograd casts the gradient back to `x`'s dtype."""
+    x = _grid_input(x)  # before autocast is turned off, which it asks about
     with _autocast_off(x.device.type):
-        return _LSQFunction.apply(_grid_input(x), step, *args)
+        return _LSQFunction.apply(x, step, *args)
 
 
 class _LSQFunction(torch.autograd.Function):
