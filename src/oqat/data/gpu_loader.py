@@ -157,7 +157,7 @@ class DeviceImageLoader:
         jpegs = [i for i, (_, is_jpeg, _) in enumerate(raw) if is_jpeg]
         if jpegs:
             try:
-                decoded = tio.decode_jpeg([raw[i][1] for i in jpegs], mode=rgb, device=self.device)
+                decoded = tio.decode_jpeg([raw[i][2] for i in jpegs], mode=rgb, device=self.device)
                 for i, img in zip(jpegs, decoded):
                     out[i] = img
             except RuntimeError:  # one the device decoder rejects (CMYK, progressive on old nvJPEG): CPU below
