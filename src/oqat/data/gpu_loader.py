@@ -160,8 +160,9 @@ class DeviceImageLoader:
                 decoded = tio.decode_jpeg([raw[i][2] for i in jpegs], mode=rgb, device=self.device)
                 for i, img in zip(jpegs, decoded):
                     out[i] = img
-            except RuntimeError:  # one the device decoder rejects (CMYK, progressive on old nvJPEG): CPU below
-                pass
+            except RuntimeError as exc:  # one the device decoder rejects (e.g. CMYK): the batch on the CPU below
+                warnings.warn(f"oqat: decoding a batch on {self.device} failed, decoding it on the CPU "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
         for i, (path, _, data) in enumerate(raw):
             if out[i] is None:
                 try:
