@@ -18,7 +18,6 @@ forward and backward read nothing back to the host (no ``.item()``, no ``bool(te
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -81,13 +80,6 @@ def _constants(qn: int, qp: int, code: int, dtype: torch.dtype, device: torch.de
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _autocast_off(device_type: str):
-    """A context with autocast disabled on `device_type` where it is on, else a no-op one."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _grid_input(x: torch.Tensor) -> torch.Tensor:
     """`x` as float32 when autocast is on for its device and `x` is half precision (an autocast
     conv's output), else `x`: the LSQ grid is computed in float32, as at export."""
@@ -97,11 +89,16 @@ def _grid_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, step: torch.Tensor, *args) -> torch.Tensor:
-    """``_LSQFunction.apply`` on the float32 grid: with autocast off while it runs (the compiled
-    kernels would otherwise recompile under autocast's global state, and nothing inside should be
-    cast); autograd casts the gradient back to `x`'s dtype."""
-    x = _grid_input(x)  # before autocast is turned off, which it asks about
-    with _autocast_off(x.device.type):
+    """``_LSQFunction.apply`` on the float32 grid: under autocast, a half input cast to float32
+    first and the Function run with autocast off (the compiled kernels would otherwise recompile
+    under autocast's global state, and nothing inside should be cast); autograd casts the
+    gradient back to `x`'s dtype. Without autocast: one cheap check (this runs hundreds of
+    times per step)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _LSQFunction.apply(x, step, *args)
+    x = _grid_input(x)
+    with torch.autocast(device_type, enabled=False):
         return _LSQFunction.apply(x, step, *args)
 
 
@@ -142,8 +139,12 @@ class _LSQFunction(torch.autograd.Function):
         flat, s, raw_t = ctx.saved_tensors
         fwd, bwd = select_kernels(impl, flat.device)
         g = _flat(grad_out)
-        with _autocast_off(flat.device.type):  # a CPU backward runs in the caller's autocast state
-            grad_x, grad_s = bwd(g, flat, s, *_constants(qn, qp, code, flat.dtype, flat.device, fwd is eager_forward))
+        consts = _constants(qn, qp, code, flat.dtype, flat.device, fwd is eager_forward)
+        if torch.is_autocast_enabled(flat.device.type):  # a CPU backward runs in the caller's autocast state
+            with torch.autocast(flat.device.type, enabled=False):
+                grad_x, grad_s = bwd(g, flat, s, *consts)
+        else:
+            grad_x, grad_s = bwd(g, flat, s, *consts)
         grad_s = (grad_s * scale).to(step_dtype)
         if positive:
             grad_s = grad_s * torch.where(raw_t.abs() >= STEP_EPS, raw_t.sign(), 0.0)
