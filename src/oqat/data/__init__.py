@@ -6,11 +6,12 @@ Five sources share one interface: Fashion-MNIST (read offline from the Debian pa
 :func:`build_data` returns the train / held-out / test splits (:mod:`oqat.data.splits`).
 """
 
-from .config import CROP_FRACTION, DATASETS, MEAN_STD, DataConfig
+from .config import CROP_FRACTION, DATASETS, DECODERS, MEAN_STD, DataConfig
+from .gpu_loader import DeviceImageLoader, image_files, probe_device_decode, resolve_decode
 from .sources import SyntheticImages
 from .splits import Data, TransformedDataset, build_data, calibration_subset, is_sharded, make_loader, split_indices
 from .transforms import build_transforms, resize_batch
 
-__all__ = ["CROP_FRACTION", "DATASETS", "Data", "DataConfig", "MEAN_STD", "SyntheticImages", "TransformedDataset",
-           "build_data", "build_transforms", "calibration_subset", "is_sharded", "make_loader", "resize_batch",
-           "split_indices"]
+__all__ = ["CROP_FRACTION", "DATASETS", "DECODERS", "Data", "DataConfig", "DeviceImageLoader", "MEAN_STD",
+           "SyntheticImages", "TransformedDataset", "build_data", "build_transforms", "calibration_subset", "image_files",
+           "is_sharded", "make_loader", "probe_device_decode", "resize_batch", "resolve_decode", "split_indices"]

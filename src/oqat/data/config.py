@@ -11,6 +11,11 @@ from typing import Any
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 
+# Where training images are decoded and augmented: the CPU loader, the training device
+# (oqat.data.gpu_loader; ImageFolder JPEGs), or the device when it is a GPU and the data are files.
+DECODERS = ("cpu", "gpu", "auto")
+
+
 # Where the Debian package `dataset-fashion-mnist` puts its files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -66,6 +71,7 @@ class DataConfig:
     synthetic_classes: int = 10
     workers: int = 0
     augment: bool = True   # random crop + flip on the training split (off: eval transforms)
+    decode: str = "auto"   # training images: cpu | gpu (on the training device) | auto (gpu for imagefolder on CUDA)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in DATASETS:
@@ -84,6 +90,11 @@ class DataConfig:
         _int_field("workers", self.workers, 0)
         if not isinstance(self.augment, bool):
             raise ValueError(f"data.augment: expected true/false, got {self.augment!r}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"data.decode: unknown value {self.decode!r}; allowed: {list(DECODERS)}")
+        if self.decode == "gpu" and self.name != "imagefolder":
+            raise ValueError(f"data.decode: 'gpu' decodes the image files of data.name 'imagefolder'; "
+                             f"{self.name!r} has none (use cpu or auto)")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -108,5 +119,5 @@ class DataConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["CROP_FRACTION", "DataConfig", "DATASETS", "FASHION_MNIST_DIR", "FASHION_MNIST_FILES",
+__all__ = ["CROP_FRACTION", "DataConfig", "DATASETS", "DECODERS", "FASHION_MNIST_DIR", "FASHION_MNIST_FILES",
            "FASHION_MNIST_INSTALL", "SMALL_IMAGE"]

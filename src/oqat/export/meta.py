@@ -124,7 +124,7 @@ def quantizer_table(model: nn.Module) -> dict[str, dict]:
 def check_initialized(model: nn.Module) -> None:
     """ValueError naming the first enabled quantizer whose step was never initialised."""
     for name, m in model.named_modules():
-        if isinstance(m, LSQQuantizer) and m.enabled and not bool(m.initialized):
+        if isinstance(m, LSQQuantizer) and m.enabled and not m.is_initialized:
             raise ValueError(f"quantizer {name}: step size was never initialised (the checkpoint's "
                              f"supernet never ran this layer); train or calibrate it before exporting")
 

@@ -103,7 +103,7 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
 def uninitialized_quantizers(model: nn.Module) -> list[str]:
     """Names of enabled LSQ quantizers that have never seen data (their step is meaningless)."""
     return [n for n, m in model.named_modules()
-            if isinstance(m, LSQQuantizer) and m.enabled and not bool(m.initialized)]
+            if isinstance(m, LSQQuantizer) and m.enabled and not m.is_initialized]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -147,7 +147,7 @@ def recalibrate_bn(model: nn.Module, data: Any, resolution: int | None = None, *
     used: dict[str, int] = {}  # BN name -> channels the subnet uses
 
     def _check_quantizer(module: LSQQuantizer, inputs) -> None:
-        if module.enabled and not bool(module.initialized):
+        if module.enabled and not module.is_initialized:
             raise CalibrationError(
                 f"quantizer {qnames[module]!r} has never been initialised (no training step ran through it); "
                 "BN re-calibration never initialises quantizers: train or load a trained checkpoint first")

@@ -84,7 +84,8 @@ class Supernet(_MobileNetV3Base):
     @torch.no_grad()
     def extract(self, arch: Arch | None = None) -> "SubNet":
         """A standalone copy of a subnet (default: the active one) with the same weights, BN
-        statistics and step sizes; in eval mode it computes what the supernet computes."""
+        statistics and step sizes, on the supernet's device; in eval mode it computes what the
+        supernet computes."""
         previous = self.arch
         if arch is not None:
             self.set_arch(arch)
@@ -110,6 +111,7 @@ class SubNet(_MobileNetV3Base):
         self.dropout = nn.Dropout(s.dropout.p)
         self.classifier = nn.Linear(s.classifier.in_features, s.classifier.out_features)
         self.classifier.load_state_dict(s.classifier.state_dict())
+        self.to(s.classifier.weight.device)  # the layers above are built on the CPU and copied into
         self.train(s.training)
 
     def _active_blocks(self) -> list[MBConvBlock]:

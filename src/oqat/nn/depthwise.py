@@ -66,7 +66,8 @@ class _DepthwiseConv(torch.autograd.Function):
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """``F.conv2d(x, weight, None, stride, padding, groups=channels)`` with the CPU backward above."""
-    if x.device.type != "cpu" or not torch.is_grad_enabled():
+    """``F.conv2d(x, weight, None, stride, padding, groups=channels)`` with the CPU backward above
+    (not under autocast, whose casts F.conv2d makes and records itself)."""
+    if x.device.type != "cpu" or not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return F.conv2d(x, weight, None, stride, padding, 1, x.size(1))
     return _DepthwiseConv.apply(x.contiguous(), weight, stride, padding)

@@ -77,8 +77,10 @@ def _schedule(tc: TrainConfig) -> str:
 def plan_stages(cfg: RunConfig, space: SearchSpace, data: DataConfig) -> list[Stage]:
     """Every stage of the run in order, with typed settings and hashes."""
     st = cfg.stages
-    common = {"space": space.to_dict(), "data": {k: v for k, v in data.to_dict().items() if k not in _UNHASHED_DATA},
-              "model": to_dict(cfg.model)}
+    hashed_data = {k: v for k, v in data.to_dict().items() if k not in _UNHASHED_DATA}
+    if hashed_data.get("decode") == "auto":  # the default (today's behaviour): not part of older run hashes
+        hashed_data.pop("decode")
+    common = {"space": space.to_dict(), "data": hashed_data, "model": to_dict(cfg.model)}
 
     def train_stage(name: str, kind: str, title: str, p: TrainPlan, inputs: list[str], extra: dict | None = None):
         init = None

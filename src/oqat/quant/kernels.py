@@ -80,8 +80,12 @@ def eager_backward(g, x, s, qn, qp, code):
 
 
 @functools.cache
-def compiled_kernels():
-    """Fused kernels from torch.compile, or None where compilation does not work here."""
+def compiled_kernels(device_type: str = "cpu"):
+    """Fused kernels from torch.compile for tensors on `device_type` ("cpu", "cuda"), or None
+    where compilation does not work there (a warning says why, and that eager runs instead).
+
+    The self-test compiles and checks them on tensors of that device: inductor emits C++ for
+    the CPU and Triton for CUDA, and either can be missing or wrong on a given machine."""
     # Inductor's CPU path warns that no CUDA runtime exists on CPU-only machines: not our news.
     # Quieted only while compiling here; the caller's logging configuration is restored after.
     logger = logging.getLogger("torch.utils.cpp_extension")
@@ -92,16 +96,17 @@ def compiled_kernels():
         # falls back to eager instead of failing.
         fwd = torch.compile(_forward_kernel, dynamic=True)
         bwd = torch.compile(_backward_kernel, dynamic=True)
-        s, qn, qp = torch.tensor(0.5), torch.tensor(-4.0), torch.tensor(3.0)
+        dev = torch.device(device_type)
+        s, qn, qp = (torch.tensor(v, device=dev) for v in (0.5, -4.0, 3.0))
         # Compile here, in the state the autograd Function calls them (grad mode off, which is
         # part of dynamo's guards), for a small and a large tensor: inductor specialises the
         # reduction of the backward on the size (a guard near 4096 elements), so both variants
         # are built now instead of in the middle of a run.
         with torch.no_grad():
             for n in (1000, 8192):
-                x = torch.linspace(-5, 5, n)
+                x = torch.linspace(-5, 5, n, device=dev)
                 for code in ACT_CODES.values():
-                    c = torch.tensor(code)
+                    c = torch.tensor(code, device=dev)
                     ok_f = torch.equal(fwd(x, s, qn, qp, c), eager_forward(x, s, qn, qp, c))
                     gx, gs = bwd(torch.ones_like(x), x, s, qn, qp, c)
                     rx, rs = eager_backward(torch.ones_like(x), x, s, qn, qp, c)
@@ -109,7 +114,8 @@ def compiled_kernels():
                         raise RuntimeError("compiled LSQ kernels disagree with eager ones")
         return fwd, bwd
     except Exception as exc:  # no compiler, unsupported platform, ...
-        warnings.warn(f"oqat: torch.compile unavailable for the LSQ kernels, using eager ({exc})")
+        warnings.warn(f"oqat: torch.compile unavailable for the LSQ kernels on {device_type}, "
+                      f"using the eager kernels there ({type(exc).__name__}: {exc})")
         return None
     finally:
         logger.setLevel(level)
@@ -122,10 +128,10 @@ def select_kernels(impl: str, device: torch.device):
     """(forward, backward) element-wise kernels for tensors on `device`: compiled or eager."""
     if impl in ("eager", "native") or device.type not in ("cpu", "cuda"):
         return eager_forward, eager_backward
-    compiled = compiled_kernels()
+    compiled = compiled_kernels(device.type)
     if compiled is None:
         if impl == "compiled":
-            raise RuntimeError("impl='compiled' requested but torch.compile does not work here")
+            raise RuntimeError(f"impl='compiled' requested but torch.compile does not work here for {device.type} tensors")
         return eager_forward, eager_backward
     return compiled
 

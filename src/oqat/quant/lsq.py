@@ -10,6 +10,12 @@ kernels for CPU float32 tensors (:mod:`oqat.quant.native`, built once with the s
 (``Qn < x/s < Qp``, LSQ eq. 5), none at the bounds. A step may be 0-dim or of shape ``(1,)`` (as
 OQA and lsq-net store it); its gradient has the step's shape. :class:`LSQQuantizer` owns the
 shared step ``step`` (0-dim) and its data-driven initialisation (averaged over data-parallel ranks).
+
+Mixed precision: under autocast a half-precision input is cast to float32 and the quantizer
+runs with autocast off, so the division by the step, the rounding, the clipping and the
+step-gradient sum are float32 (the grid of the float32 export), whatever dtype the convs use;
+the output is float32 (the next conv casts it as autocast says). On device tensors the
+forward and backward read nothing back to the host (no ``.item()``, no ``bool(tensor)``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch import nn
 from ..space import FULL_PRECISION, normalize_bits
 from . import native as native_kernels
 from .activations import act_code, activation_fn
-from .kernels import IMPLS, select_kernels
+from .kernels import IMPLS, eager_forward, select_kernels
 
 STEP_EPS = 1e-8  # smallest step used in the forward; keeps |s| strictly positive
 
@@ -64,9 +70,38 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _constants(qn: int, qp: int, code: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(Qn, Qp, act code) as 0-dim tensors, built once per combination (not on every call)."""
-    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in (qn, qp, code))
+def _constants(qn: int, qp: int, code: int, dtype: torch.dtype, device: torch.device,
+               host_code: bool = False) -> tuple:
+    """(Qn, Qp, act code) as 0-dim tensors on `device`, built once per combination (not on every
+    call). ``host_code``: the code as a Python int, for the eager kernels, which branch on it in
+    Python (``int()`` of a device tensor would be a host sync on every call)."""
+    qn_t, qp_t, code_t = (torch.tensor(v, dtype=dtype, device=device) for v in (qn, qp, code))
+    return qn_t, qp_t, (code if host_code else code_t)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _grid_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float32 when autocast is on for its device and `x` is half precision (an autocast
+    conv's output), else `x`: the LSQ grid is computed in float32, as at export."""
+    if x.dtype in _HALF and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
+def _apply(x: torch.Tensor, step: torch.Tensor, *args) -> torch.Tensor:
+    """``_LSQFunction.apply`` on the float32 grid: under autocast, a half input cast to float32
+    first and the Function run with autocast off (the compiled kernels would otherwise recompile
+    under autocast's global state, and nothing inside should be cast); autograd casts the
+    gradient back to `x`'s dtype. Without autocast: one cheap check (this runs hundreds of
+    times per step)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _LSQFunction.apply(x, step, *args)
+    x = _grid_input(x)
+    with torch.autocast(device_type, enabled=False):
+        return _LSQFunction.apply(x, step, *args)
 
 
 class _LSQFunction(torch.autograd.Function):
@@ -87,7 +122,7 @@ class _LSQFunction(torch.autograd.Function):
             raw = step.detach()
             s = (raw.abs().clamp_min(STEP_EPS) if positive else raw).to(x.dtype)
             fwd, _ = select_kernels(impl, x.device)
-            out = fwd(flat, s, *_constants(qn, qp, code, x.dtype, x.device))
+            out = fwd(flat, s, *_constants(qn, qp, code, x.dtype, x.device, fwd is eager_forward))
             ctx.save_for_backward(flat, s, raw)
             sv, raw = None, None
         ctx.consts = (scale, impl, native, x.shape, step.dtype, step.shape, qn, qp, code, positive, sv, raw)
@@ -105,9 +140,14 @@ class _LSQFunction(torch.autograd.Function):
                       if ctx.needs_input_grad[1] else None)
             return grad_x if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None, None, None
         flat, s, raw_t = ctx.saved_tensors
-        _, bwd = select_kernels(impl, flat.device)
+        fwd, bwd = select_kernels(impl, flat.device)
         g = _flat(grad_out)
-        grad_x, grad_s = bwd(g, flat, s, *_constants(qn, qp, code, flat.dtype, flat.device))
+        consts = _constants(qn, qp, code, flat.dtype, flat.device, fwd is eager_forward)
+        if torch.is_autocast_enabled(flat.device.type):  # a CPU backward runs in the caller's autocast state
+            with torch.autocast(flat.device.type, enabled=False):
+                grad_x, grad_s = bwd(g, flat, s, *consts)
+        else:
+            grad_x, grad_s = bwd(g, flat, s, *consts)
         grad_s = (grad_s * scale).to(step_dtype).reshape(step_shape)
         if positive:
             grad_s = grad_s * torch.where(raw_t.abs() >= STEP_EPS, raw_t.sign(), 0.0)
@@ -120,6 +160,21 @@ def _check_step(step: torch.Tensor) -> None:
     if not isinstance(step, torch.Tensor) or step.numel() != 1:
         shape = tuple(step.shape) if isinstance(step, torch.Tensor) else type(step).__name__
         raise ValueError(f"step: expected a tensor of one element (shape () or (1,)), got {shape}")
+
+
+def kernel_impl(device: torch.device | str, impl: str = "auto", dtype: torch.dtype = torch.float32) -> str:
+    """The element-wise kernels a quantizer runs for `dtype` tensors on `device`: "native",
+    "compiled" or "eager" (`impl` as LSQQuantizer takes it).
+
+    Builds and self-tests them on that device (once per process), so that a training run
+    knows, and any fallback warning is given, before the first step."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: {impl!r} is not one of {list(IMPLS)}")
+    device = torch.device(device)
+    if _native(impl, torch.empty(0, dtype=dtype, device=device)) is not None:
+        return "native"
+    fwd, _ = select_kernels(impl, device)
+    return "eager" if fwd is eager_forward else "compiled"
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
@@ -145,8 +200,9 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
     scale = grad_scale(x.numel(), bits, signed) if grad_scale_factor is None else grad_scale_factor
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         # Traced/compiled graphs (ONNX export, user compile) get the plain formula.
+        x = _grid_input(x)
         return torch.clamp(act_fn(x) / step.to(x.dtype), qn, qp).round() * step.to(x.dtype)
-    return _LSQFunction.apply(x, step, qn, qp, scale, impl, code)
+    return _apply(x, step, qn, qp, scale, impl, code)
 
 
 def _lsq_positive(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, impl: str,
@@ -158,7 +214,7 @@ def _lsq_positive(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, 
     code = act_code(act)
     qn, qp = qrange(bits, signed)
     scale = grad_scale(x.numel() if numel is None else numel, bits, signed)
-    return _LSQFunction.apply(x, step, qn, qp, scale, impl, code, True)
+    return _apply(x, step, qn, qp, scale, impl, code, True)
 
 
 def lsq_reference(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
@@ -186,6 +242,10 @@ class LSQQuantizer(nn.Module):
     tensor it sees, ``2*mean(|v|)/sqrt(Qp)``, averaged over data-parallel ranks; the forward
     uses ``|step|`` so the step stays positive. ``bits=None``/32 makes it an identity (the step
     is kept so state dicts match across bit-widths).
+
+    Whether the step was initialised lives in the ``initialized`` buffer (saved in state dicts);
+    :attr:`is_initialized` reads it only when the buffer changed, so a forward on a GPU does not
+    wait for the device to answer (a host sync in each of a supernet's hundreds of quantizers).
     """
 
     def __init__(self, bits: int | None, signed: bool, impl: str = "auto", batched: bool = False):
@@ -200,6 +260,7 @@ class LSQQuantizer(nn.Module):
         self.impl = impl
         self.step = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen: tuple[torch.Tensor, int, bool] | None = None  # (buffer, its version, its value)
 
     @property
     def enabled(self) -> bool:
@@ -207,6 +268,30 @@ class LSQQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
+
+    @property
+    def is_initialized(self) -> bool:
+        """``bool(self.initialized)``, read from the buffer only when it changed since the last read.
+
+        A change is another tensor in the buffer's place (``.to()``, ``load_state_dict(assign=True)``,
+        a copied module) or an in-place write, which moves the tensor's version counter
+        (``load_state_dict``, ``copy_``, ``fill_``). Writes through ``.data`` (or by a collective
+        on ``.data``) are invisible to it: call :meth:`refresh_initialized` after those.
+        """
+        buf = self.initialized
+        try:
+            version = buf._version
+        except RuntimeError:  # inference-mode tensors have no version counter
+            return bool(buf)
+        seen = self._seen
+        if seen is None or seen[0] is not buf or seen[1] != version:
+            seen = self._seen = (buf, version, bool(buf))
+        return seen[2]
+
+    def refresh_initialized(self) -> bool:
+        """Read the ``initialized`` buffer again (after writes :attr:`is_initialized` cannot see)."""
+        self._seen = None
+        return self.is_initialized
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -219,6 +304,10 @@ class LSQQuantizer(nn.Module):
             value /= dist.get_world_size()
         self.step.copy_(value.clamp_min(STEP_EPS).to(self.step.dtype))
         self.initialized.fill_(True)
+        try:  # known without reading it back
+            self._seen = (self.initialized, self.initialized._version, True)
+        except RuntimeError:  # inference-mode tensor: no version counter
+            self._seen = None
 
     def effective_step(self) -> torch.Tensor:
         return self.step.abs().clamp_min(STEP_EPS)
@@ -227,7 +316,7 @@ class LSQQuantizer(nn.Module):
         """Quantize ``x``, or ``act(x)`` when ``act`` ("relu"/"h_swish") is given (fused)."""
         if not self.enabled:
             return activation_fn(act)(x)
-        if not bool(self.initialized):
+        if not self.is_initialized:
             self.initialize(activation_fn(act)(x))
         numel = x.numel()
         if self.batched and dist.is_available() and dist.is_initialized():
@@ -235,4 +324,4 @@ class LSQQuantizer(nn.Module):
         return _lsq_positive(x, self.step, self.bits, self.signed, self.impl, act, numel)
 
 
-__all__ = ["LSQQuantizer", "STEP_EPS", "grad_scale", "lsq_quantize", "lsq_reference", "qrange"]
+__all__ = ["LSQQuantizer", "STEP_EPS", "grad_scale", "kernel_impl", "lsq_quantize", "lsq_reference", "qrange"]

@@ -256,8 +256,10 @@ def library() -> NativeKernels | None:
     """The native kernels, or None where they cannot be built (a warning says why)."""
     if os.environ.get("OQAT_NATIVE_KERNELS", "1") == "0":
         return None
+    fallback = "CPU float32 tensors use the torch.compile kernels (or eager ones where compiling fails)"
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
+        warnings.warn(f"oqat: native LSQ kernels unavailable: no C compiler ($CC, gcc, cc); {fallback}")
         return None
     try:
         path = _build(cc)
@@ -266,7 +268,7 @@ def library() -> NativeKernels | None:
         _self_test(kernels)
         return kernels
     except Exception as exc:  # no OpenMP, odd platform, failed self-test, ...
-        warnings.warn(f"oqat: native LSQ kernels unavailable, using torch.compile/eager ({exc})")
+        warnings.warn(f"oqat: native LSQ kernels unavailable ({exc}); {fallback}")
         return None
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..nn.layers import SlicedBatchNorm2d
+from ..quant import LSQQuantizer
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src)
+    for m in module.modules():  # written through .data: the quantizers' cached flags must re-read
+        if isinstance(m, LSQQuantizer):
+            m.refresh_initialized()
 
 
 class SyncSlicedBatchNorm2d(SlicedBatchNorm2d):
@@ -128,6 +132,18 @@ def convert_sync_bn(model: nn.Module) -> nn.Module:
         if type(module) is SlicedBatchNorm2d:
             module.__class__ = SyncSlicedBatchNorm2d
     return model
+
+
+def min_over_ranks(value: int | None, device: torch.device) -> int | None:
+    """The smallest `value` over ranks (None counts as no value; None when no rank has one)."""
+    info = current()
+    if not info.enabled:
+        return value
+    none = torch.iinfo(torch.int64).max
+    t = torch.tensor([none if value is None else value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    result = int(t.item())
+    return None if result == none else result
 
 
 def reduce_mean(value: float, device: torch.device) -> float:

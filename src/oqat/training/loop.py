@@ -9,6 +9,11 @@ follows. Full-precision training is the same loop with ``bits: 32``.
 Everything needed to continue is checkpointed atomically: model, optimizer, scheduler, step and
 every rank's RNG states; the data order is a pure function of (seed, epoch), so a resumed run
 takes exactly the batches the interrupted one would have taken.
+
+A step reads nothing back from the device (:mod:`oqat.training.step`): the losses are read
+once per log interval and before each checkpoint, which is when a NaN/inf stops the run,
+naming the first bad step and subnet; a checkpoint is written only after the losses since the
+previous one, and the weights, were found finite.
 """
 
 from __future__ import annotations
@@ -23,14 +28,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data import DataConfig, build_data, calibration_subset, make_loader, resize_batch
+from ..data import (
+    DataConfig,
+    DeviceImageLoader,
+    build_data,
+    calibration_subset,
+    image_files,
+    make_loader,
+    probe_device_decode,
+    resolve_decode,
+)
+from ..data.gpu_loader import warn_fallback
 from ..measure import measure
-from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint, nonfinite_tensors
+from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint
+from ..quant import kernel_impl
 from ..space import FULL_PRECISION, Arch, SearchSpace, normalize_bits
 from ..utils.config import to_dict
 from ..utils.devices import resolve_device
@@ -38,6 +53,7 @@ from ..utils.files import append_line, ensure_output_dir, escaping_links, folder
 from . import distributed
 from .config import TrainConfig, TrainRunConfig
 from .schedule import GlobalBatchSampler, lr_factor, step_archs
+from .step import LossWindow, StepLosses, StepOptions, all_finite, first_non_finite, soft_cross_entropy, train_step
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +96,37 @@ def _gather_rng_states(info: distributed.DistInfo) -> list[dict]:
     return states
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    return -(target_probs * F.log_softmax(logits, dim=1)).sum(1).mean()
+def _train_files(data_cfg: DataConfig, data, device: torch.device) -> list[tuple[str, int]] | None:
+    """The training split's (path, label) pairs when its images are decoded on the device
+    (data.decode), else None (the CPU DataLoader). A device that cannot decode falls back to the
+    CPU loader with a warning."""
+    if resolve_decode(data_cfg, device) != "device":
+        return None
+    files = image_files(data.train)
+    if device.type == "cuda":
+        reason = probe_device_decode(files[0][0], device)
+        if reason is not None:
+            warn_fallback(reason)
+            return None
+    elif data_cfg.decode == "gpu":
+        log.warning("data.decode: gpu on a %s run: images are decoded and augmented with torchvision.io "
+                    "on the %s", device.type, device.type)
+    return files
+
+
+def _bad_loss(bad: tuple[StepLosses, int] | None, bad_step: int) -> str:
+    """What went wrong at `bad_step`: this rank's first non-finite loss there, or another rank's."""
+    if bad is None or bad[0].step != bad_step:
+        return "loss of subnet on another rank is not finite"
+    row, i = bad
+    return f"loss of subnet {i} ({'largest' if i == 0 else row.archs[i].to_json()}) is {row.values[i]}"
+
+
+def _diverged_message(what: str, bad_step: int, step: int, every: int, last_good: tuple[Path, int] | None) -> str:
+    good = (f"The last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good is not None
+            else "No checkpoint of this run was written before it")
+    return (f"step {bad_step}: {what}; stopped at step {step} (losses are read every {every} steps and before "
+            f"each checkpoint). {good} (lower train.lr or add train.grad_clip)")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -209,19 +254,36 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
         write_text_atomic(out / "config.yaml", yaml.safe_dump(full_config, sort_keys=False))
     metrics_file = out / "metrics.jsonl"
 
+    window = LossWindow()  # the losses of the steps since they were last read, on the device
+    last_good: tuple[Path, int] | None = (ckpt_path, start_step) if resume_state is not None else None
+
+    def read_losses() -> list[StepLosses]:
+        """The window's losses (one host sync); TrainingDiverged at the first NaN/inf of any rank."""
+        rows = window.read()
+        bad = first_non_finite(rows)
+        bad_step = distributed.min_over_ranks(bad[0].step if bad else None, device)
+        if bad_step is not None:
+            bar.close()
+            raise TrainingDiverged(_diverged_message(_bad_loss(bad, bad_step), bad_step, step, tcfg.log_every,
+                                                     last_good))
+        return rows
+
     def save(step: int, epoch: int) -> None:
+        nonlocal last_good
+        read_losses()
         if not tcfg.sync_bn:
             distributed.average_buffers(net)  # per-rank BN statistics -> one set, as every rank's
+        optim_state = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        if not all_finite([*net.state_dict().values(), *optim_state]):
+            bar.close()
+            raise TrainingDiverged(_diverged_message(
+                "the weights are not finite after it although every loss up to it was finite", step - 1, step,
+                tcfg.log_every, last_good))
         states = _gather_rng_states(info)
-        state = net.state_dict()
-        bad = nonfinite_tensors(state)
-        if bad:  # the previous last.pt stays the last good one
-            raise TrainingDiverged(f"step {step}: non-finite weights ({', '.join(bad[:3])}); not saved. The last good "
-                                   f"checkpoint is {ckpt_path if ckpt_path.exists() else 'none (no step was saved)'} "
-                                   f"(lower train.lr or add train.grad_clip)")
+        last_good = (ckpt_path, step)
         if not info.is_main:
             return
-        Checkpoint(space=space, bits=bits, model=state, step=step, epoch=epoch, config=full_config,
+        Checkpoint(space=space, bits=bits, model=net.state_dict(), step=step, epoch=epoch, config=full_config,
                    extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "rng": states}).save(ckpt_path)
 
@@ -229,8 +291,10 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
         if info.is_main:
             append_line(metrics_file, json.dumps(record))
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tcfg.amp
-                else torch.autocast("cpu", enabled=False))
+    opts = StepOptions.from_config(tcfg, device)
+    if bits != FULL_PRECISION:  # builds and self-tests the kernels on this device now, not in step 1
+        log.info("LSQ kernels on %s: %s", device, kernel_impl(device, dtype=next(net.parameters()).dtype))
+    files = _train_files(data_cfg, data, device)
     params = list(net.parameters())
     model_dtype = params[0].dtype  # inputs follow the model (float64 runs check numerics)
     step = start_step
@@ -243,49 +307,29 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler = GlobalBatchSampler(len(data.train), tcfg.batch_size, tcfg.seed, epoch, info.rank,
                                      info.world_size, start_batch)
-        # Its own generator: a DataLoader without one draws its worker seed from the global RNG,
-        # which would make a resumed run's augmentation differ from the uninterrupted run's.
-        loader = DataLoader(data.train, batch_sampler=sampler, num_workers=data_cfg.workers,
-                            pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + epoch))
+        if files is not None:  # decoded and augmented on the device, each batch at its step's resolution
+            loader = DeviceImageLoader(
+                files, sampler, device, image_size=data_cfg.image_size, mean=data.mean, std=data.std,
+                train=data_cfg.augment, seed=tcfg.seed, epoch=epoch, rank=info.rank, first_batch=start_batch,
+                resolution=lambda b, e=epoch: step_archs(space, bits, tcfg, e * steps_per_epoch + b)[0].r,
+                threads=max(1, data_cfg.workers))
+        else:
+            # Its own generator: a DataLoader without one draws its worker seed from the global RNG,
+            # which would make a resumed run's augmentation differ from the uninterrupted run's.
+            loader = DataLoader(data.train, batch_sampler=sampler, num_workers=data_cfg.workers,
+                                pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(tcfg.seed * 1_000_003 + epoch))
         for x, y in loader:
             if step >= total_steps:
                 break
             x, y = x.to(device, dtype=model_dtype, non_blocking=True), y.to(device, non_blocking=True)
             archs = step_archs(space, bits, tcfg, step)
-            optimizer.zero_grad(set_to_none=True)
-            losses = []
-            teacher = None
-            for i, arch in enumerate(archs):
-                net.set_arch(arch)
-                xi = resize_batch(x, arch.r)
-                if device.type == "cuda" and tcfg.channels_last:
-                    xi = xi.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    logits = net(xi).float()
-                if i == 0 or not tcfg.distill:
-                    loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
-                    if i == 0:
-                        teacher = F.softmax(logits.detach(), dim=1)
-                else:
-                    loss = soft_cross_entropy(logits, teacher)
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"step {step}: loss of subnet {i} ({'largest' if i == 0 else arch.to_json()}) is "
-                        f"{loss.item()}; stopped. The last good checkpoint is {ckpt_path} "
-                        f"(lower train.lr or add train.grad_clip)")
-                loss.backward()
-                losses.append(loss.item())
-            distributed.average_gradients(params)
-            if tcfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            window.add(step, archs, train_step(net, optimizer, scheduler, params, x, y, archs, opts))
             step += 1
             bar.update(1)
             window_images += x.size(0) * info.world_size
             if step % tcfg.log_every == 0 or step == total_steps:
+                losses = read_losses()[-1].values  # the one host sync of the interval
                 elapsed = time.perf_counter() - window_start
                 last_metrics = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                                 "loss_largest": losses[0], "loss_smallest": losses[1] if len(losses) > 1 else None,
