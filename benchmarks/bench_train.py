@@ -9,6 +9,14 @@ Accuracies are top-1 (%) of the largest and smallest subnets, each BN-re-calibra
 held-out images, on the held-out split and on the test split. ``--throughput-only`` measures
 images/s per sandwich step only (e.g. ``--space mbv3-imagenet --data synthetic --image-size
 224`` on a GPU); the script runs unchanged on CPU or CUDA.
+
+``--rates`` measures how a CPU training run uses the cores (issue 16): ``oqat train`` of the
+quickstart's recipe (fmnist-quick, 4 bit, batch 64, largest + smallest + 1 random subnet) for
+every combination of ``--threads`` and ``--procs``, on the idle machine and then with
+``--contend N`` busy processes started by this script, printing steps/s and the ratio:
+
+    .venv/bin/python benchmarks/bench_train.py --rates --space fmnist-quick --image-size 28 \
+        --batch-size 64 --num-random 1 --threads 1,2 --procs 1,2 --contend 1 --max-steps 60
 """
 
 from __future__ import annotations
@@ -65,6 +73,60 @@ def score(ckpt: str, args, data) -> dict:
     return out
 
 
+def _train_rate(args, out: Path, threads: int, procs: int) -> float:
+    """Median steps/s (log windows after the first) of an `oqat train` run in its own process(es)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = {"space": args.space, "bits": 4,
+           "data": {"name": args.data, "image_size": args.image_size, "holdout": args.holdout,
+                    "train_limit": args.train_limit, "augment": False,
+                    **({"synthetic_size": args.synthetic_size} if args.data == "synthetic" else {})},
+           "train": {"epochs": 1, "max_steps": args.max_steps or 60, "batch_size": args.batch_size, "lr": 0.05,
+                     "warmup_epochs": 0.05, "num_random": args.num_random, "log_every": 10, "eval_images": 0,
+                     "device": "cpu", "seed": args.seed}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.pop("OQAT_PROCS", None)
+    cmd = [sys.executable, "-m", "oqat", "train", str(out / "cfg.yaml"), "--out", str(out / "run"), "--overwrite",
+           "--no-progress", "--procs", str(procs)]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    windows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["images_per_s"] for r in windows if "images_per_s" in r][1:]
+    return statistics.median(speeds) / args.batch_size
+
+
+def rates(args) -> None:
+    """Idle and contended training rates of one process with N threads and of N processes."""
+    import os
+    import subprocess
+    import sys
+
+    combos = [(int(t), 1) for t in args.threads.split(",")] + [(1, int(n)) for n in args.procs.split(",") if int(n) > 1]
+    out = Path(args.out)
+    print(f"# {args.space} 4-bit, batch {args.batch_size}, {args.num_random} random subnet(s), "
+          f"{args.max_steps or 60} steps per run; {os.cpu_count()} CPUs, affinity {len(os.sched_getaffinity(0))}")
+    rows = []
+    for threads, procs in combos:
+        idle = _train_rate(args, out / f"t{threads}-p{procs}-idle", threads, procs)
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+        try:
+            loaded = _train_rate(args, out / f"t{threads}-p{procs}-busy", threads, procs)
+        finally:
+            for b in busy:
+                b.kill()
+        rows.append((threads, procs, idle, loaded))
+        print(f"  {procs} process(es) x {threads} thread(s): idle {idle:.2f} steps/s, with {args.contend} busy "
+              f"process(es) {loaded:.2f} steps/s ({100 * loaded / idle:.0f}% of idle)", flush=True)
+    print("\n| processes x threads | idle steps/s | contended steps/s | contended / idle |\n|---|---:|---:|---:|")
+    for threads, procs, idle, loaded in rows:
+        print(f"| {procs} x {threads} | {idle:.2f} | {loaded:.2f} | {100 * loaded / idle:.0f}% |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench-train")
@@ -92,7 +154,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--throughput-only", action="store_true")
+    p.add_argument("--rates", action="store_true", help="steps/s per --threads x --procs, idle and with --contend")
+    p.add_argument("--threads", default="1,2", help="--rates: intra-op threads to try (one process)")
+    p.add_argument("--procs", default="1,2", help="--rates: single-threaded processes to try")
+    p.add_argument("--contend", type=int, default=1, help="--rates: busy processes started for the contended runs")
     args = p.parse_args()
+    if args.rates:
+        return rates(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ import tempfile
 # The native LSQ kernels are built into a private folder of this test session, never into the
 # user's cache (tests must not depend on, or write to, what a previous run left there).
 os.environ.setdefault("OQAT_KERNEL_CACHE", tempfile.mkdtemp(prefix="oqat-test-kernels-"))
+# `oqat run`/`oqat train` called in-process stay one process (tests of --procs ask for it explicitly).
+os.environ.setdefault("OQAT_PROCS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

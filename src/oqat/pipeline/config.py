@@ -136,7 +136,8 @@ class RunConfig:
     data: dict = field(default_factory=lambda: {"name": "synthetic"})
     model: ModelConfig = field(default_factory=ModelConfig)
     train: dict = field(default_factory=dict)   # common oqat.train.TrainConfig settings
-    threads: int | None = None         # torch intra-op threads (null: torch's default)
+    threads: int | None = None         # torch intra-op threads per process (null: torch's default)
+    procs: Any = "auto"                # CPU processes: "auto" (one single-threaded process per core) or N
     stages: StagesConfig = field(default_factory=StagesConfig)
 
 
@@ -265,6 +266,8 @@ def validate_run_config(cfg: RunConfig, where: str = "config", base_dir: Path | 
     """Every check that needs no data: raises ValueError naming the key."""
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"{where}.threads: must be >= 1 (or null), got {cfg.threads}")
+    if cfg.procs != "auto" and (isinstance(cfg.procs, bool) or not isinstance(cfg.procs, int) or cfg.procs < 1):
+        raise ValueError(f"{where}.procs: expected 'auto' or a positive integer, got {cfg.procs!r}")
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", cfg.name):
         raise ValueError(f"{where}.name: {cfg.name!r} may only contain letters, digits and . _ + -")
     data = data_config(cfg.data, where)

@@ -18,9 +18,11 @@ previous one, and the weights, were found finite.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ from ..utils.devices import resolve_device
 from ..utils.files import append_line, ensure_output_dir, escaping_links, folder_lock, write_text_atomic
 from . import distributed
 from .config import TrainConfig, TrainRunConfig
+from .launch import process_batch
 from .schedule import GlobalBatchSampler, lr_factor, step_archs
 from .step import LossWindow, StepLosses, StepOptions, all_finite, first_non_finite, soft_cross_entropy, train_step
 
@@ -130,12 +133,37 @@ def _diverged_message(what: str, bad_step: int, step: int, every: int, last_good
 
 
 # ----------------------------------------------------------------------------- the loop
+class Pace:
+    """Notices when training runs far below its own usual rate (another program on the cores) and
+    says so once, with the remedy that fits how the run uses the cores."""
+
+    SLOW = 3.0          # a log window this many times slower than the median of the earlier ones
+
+    def __init__(self, threads: int, processes: int):
+        self.threads, self.processes = threads, processes
+        self.rates: list[float] = []
+        self.warned = False
+
+    def window(self, images_per_s: float, say) -> None:
+        if not self.warned and len(self.rates) >= 3 and images_per_s * self.SLOW < statistics.median(self.rates):
+            usual = statistics.median(self.rates)
+            remedy = ("with several threads on busy cores every parallel region waits for a descheduled thread: "
+                      "run one single-threaded process per core (oqat train/run --procs auto, the default on CPUs)"
+                      if self.threads > 1 else "free the cores or use fewer processes (--procs)")
+            say(f"training runs at {images_per_s:.0f} images/s, {usual / images_per_s:.1f}x slower than its usual "
+                f"{usual:.0f}: another program seems to use this run's CPU cores; {remedy}")
+            self.warned = True
+        self.rates.append(images_per_s)
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
     steps: int
     metrics: dict = field(default_factory=dict)
     model: Supernet | None = None
+    batch_size: int = 0            # per process, as trained (the configured one split under oqat's launcher)
+    world_size: int = 1
 
 
 def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -166,6 +194,10 @@ def train(cfg: TrainRunConfig, out_dir: str | Path, *, resume: bool = False, ove
 def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distributed.DistInfo, resume: bool,
            overwrite: bool, progress: bool) -> TrainResult:
     tcfg = cfg.train
+    local = process_batch(tcfg.batch_size, info.world_size)
+    if local != tcfg.batch_size:  # started by oqat's launcher: the configured batch is split over the processes
+        tcfg = dataclasses.replace(tcfg, batch_size=local)
+        cfg = dataclasses.replace(cfg, train=tcfg)
     data_cfg = DataConfig.from_dict(cfg.data)
     data = build_data(data_cfg)
     space = SearchSpace.resolve(cfg.space).replace(num_classes=data.num_classes, in_channels=data.in_channels)
@@ -303,6 +335,7 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
                unit="step", disable=not (progress and info.is_main), dynamic_ncols=True)
     last_metrics: dict = {}
     window_images, window_start = 0, time.perf_counter()
+    pace = Pace(torch.get_num_threads(), info.world_size)
     while step < total_steps:
         epoch, start_batch = divmod(step, steps_per_epoch)
         sampler = GlobalBatchSampler(len(data.train), tcfg.batch_size, tcfg.seed, epoch, info.rank,
@@ -336,6 +369,7 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
                                 "loss_mean": sum(losses) / len(losses), "images_per_s": window_images / elapsed,
                                 "resolution": archs[0].r}
                 emit(last_metrics)
+                pace.window(last_metrics["images_per_s"], bar.write if progress and info.is_main else log.warning)
                 bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{last_metrics['lr']:.4f}",
                                 img_s=f"{last_metrics['images_per_s']:.0f}")
                 window_images, window_start = 0, time.perf_counter()
@@ -358,7 +392,7 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
                    config=full_config, extra={"metrics": last_metrics}).save(final)
     if info.enabled:
         dist.barrier()
-    return TrainResult(final, step, last_metrics, net)
+    return TrainResult(final, step, last_metrics, net, tcfg.batch_size, info.world_size)
 
 
 @torch.no_grad()

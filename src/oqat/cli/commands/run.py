@@ -25,12 +25,16 @@ def register(sub) -> None:
                    help="only rebuild the report from the run folder (its run.json and stage markers; no config, "
                         "data or checkpoints needed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--procs", default=None, metavar="N|auto",
+                   help="CPU processes (default: the config's `procs`, 'auto': one single-threaded process per core, "
+                        "which keeps its speed when another program takes a core; OQAT_PROCS overrides)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...pipeline import Pipeline, default_out, load_run_config, write_report
     from ...training import TrainingDiverged
+    from ...training.launch import choose_procs, launch
 
     if args.report_only and args.config is None:
         if not args.out:
@@ -45,6 +49,9 @@ def run(args) -> int:
         print(f"report: {write_report(out)}")
         return 0
     pipe = Pipeline(cfg, out, progress=not args.no_progress, config_path=args.config)
+    procs = 1 if args.dry_run else choose_procs(args.procs, cfg.procs, cfg.train.get("device", "auto"))
+    if procs > 1:
+        return launch(args.argv, procs)
     if args.dry_run:
         status = pipe.status()
         width = max(len(s.name) for s in pipe.stages)

@@ -17,11 +17,15 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--procs", default=None, metavar="N|auto",
+                   help="CPU processes splitting the configured batch ('auto', the default: one single-threaded process "
+                        "per core; 1: one process with torch's threads; OQAT_PROCS overrides)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...training import TrainingDiverged, load_train_config, train
+    from ...training.launch import choose_procs, launch
 
     overrides = list(args.set)
     if args.bits is not None:
@@ -29,6 +33,9 @@ def run(args) -> int:
     if args.init:
         overrides.append(f"init={args.init}")
     cfg = load_train_config(args.config, overrides)
+    procs = choose_procs(args.procs, "auto", cfg.train.device)
+    if procs > 1:
+        return launch(args.argv, procs)
     try:
         result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except TrainingDiverged as exc:

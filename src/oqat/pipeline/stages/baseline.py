@@ -12,6 +12,7 @@ import torch
 
 from ...measure import load_context
 from ...space import Arch, cost
+from ...training.launch import process_batch
 from ..context import StageContext
 from ..plan import Stage, TrainPlan
 from ..results import BaselineOutcome
@@ -23,7 +24,7 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> Baselin
     tc = plan.train
     if plan.images_like:  # as many images as the OQAT training stages together
         images = sum(ctx.outcomes[s].images_seen for s in plan.images_like)
-        per_step = tc.batch_size * ctx.info.world_size
+        per_step = process_batch(tc.batch_size, ctx.info.world_size) * ctx.info.world_size
         steps = max(1, round(images / per_step))
         per_epoch = max(1, ctx.train_images // per_step)
         tc = dataclasses.replace(tc, epochs=math.ceil(steps / per_epoch), max_steps=steps)

@@ -37,11 +37,11 @@ def train_stage(ctx: StageContext, stage: Stage, folder: Path, resumed: bool, in
     resume = resumed and (folder / "checkpoints" / "last.pt").is_file()
     # the stage folder is the pipeline's own: whatever a killed attempt left there is replaced
     result = train(cfg, folder, resume=resume, overwrite=True, progress=ctx.progress)
-    n, world = ctx.train_images, ctx.info.world_size
-    images = result.steps * tc.batch_size * world
+    n, world = ctx.train_images, result.world_size
+    images = result.steps * result.batch_size * world
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) or v is None}
     return TrainOutcome(checkpoint=ctx.relative(result.checkpoint), bits=plan.bits, steps=result.steps,
-                        batch_size=tc.batch_size, world_size=world, images_seen=images, train_images=n,
+                        batch_size=result.batch_size, world_size=world, images_seen=images, train_images=n,
                         epochs_done=images / n if n else None, final_metrics=metrics, resumed=resume, init=init)
 
 

@@ -1,0 +1,73 @@
+"""oqat starts its own single-threaded data-parallel processes: the same global batch, the same
+result as torchrun with the per-process share of it, deterministic."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from oqat.models import load_checkpoint
+from oqat.training.launch import choose_procs, process_batch, usable_cores
+
+CFG = {"space": "mbv3-tiny", "bits": 4, "data": {"name": "synthetic", "image_size": 32, "holdout": 32,
+                                                "synthetic_size": 160},
+       "train": {"epochs": 1, "max_steps": 3, "batch_size": 16, "lr": 0.05, "num_random": 1, "log_every": 1,
+                 "eval_images": 0, "seed": 3, "device": "cpu"}}
+
+
+def _oqat(*args, env=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "OQAT_PROCS"}
+    return subprocess.run([sys.executable, "-m", "oqat", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def _weights(path):
+    return load_checkpoint(path).model
+
+
+def test_choice_of_the_process_count(monkeypatch):
+    monkeypatch.delenv("OQAT_PROCS", raising=False)
+    assert choose_procs(None, "auto", "cpu") == usable_cores()
+    assert choose_procs("1", "auto", "cpu") == 1 and choose_procs(None, 3, "cpu") == 3
+    monkeypatch.setenv("OQAT_PROCS", "2")
+    assert choose_procs(None, "auto", "cpu") == 2 and choose_procs("1", "auto", "cpu") == 1  # the flag wins
+    monkeypatch.setenv("WORLD_SIZE", "4")   # already a rank of torchrun (or of launch): never again
+    assert choose_procs("8", "auto", "cpu") == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="procs: expected a positive integer or 'auto', got '0'"):
+        choose_procs("0", "auto", "cpu")
+    monkeypatch.setenv("OQAT_SPLIT_BATCH", "2")
+    assert process_batch(64, 2) == 32 and process_batch(64, 1) == 64
+    with pytest.raises(ValueError, match="does not split evenly over 2 processes"):
+        process_batch(15, 2)
+
+
+def test_two_processes_equal_torchrun_with_half_the_batch(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    own = _oqat("train", cfg, "--out", tmp_path / "own", "--procs", "2", "--no-progress")
+    assert own.returncode == 0, own.stderr
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "oqat", "train", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress",
+                          "--set", "train.batch_size=8"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stderr
+    a, b = _weights(tmp_path / "own" / "final.pt"), _weights(tmp_path / "ref" / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = _oqat("train", cfg, "--out", tmp_path / "again", "--procs", "2", "--no-progress")
+    assert again.returncode == 0
+    c = _weights(tmp_path / "again" / "final.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)          # deterministic
+    assert load_checkpoint(tmp_path / "own" / "final.pt").config["train"]["batch_size"] == 8
+
+
+def test_a_failing_rank_fails_the_run(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**CFG, "train": {**CFG["train"], "batch_size": 15}}))
+    proc = _oqat("train", cfg, "--out", tmp_path / "t", "--procs", "2", "--no-progress")
+    assert proc.returncode == 2 and "does not split evenly over 2 processes" in proc.stderr
