@@ -22,6 +22,14 @@ def space_from_args(args: argparse.Namespace) -> SearchSpace:
     return space
 
 
+def add_procs_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--procs``: how many CPU processes split the run (oqat.training.launch)."""
+    parser.add_argument("--procs", default=None, metavar="N|auto",
+                        help=f"CPU processes splitting the configured batch (default: {default}; 'auto': one "
+                             f"single-threaded process per core, which keeps its speed when another program takes "
+                             f"a core; 1: one process with torch's threads; OQAT_PROCS overrides the default)")
+
+
 def add_arch_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("subnet (either --arch FILE or the OQA-style flags)")
     g.add_argument("--arch", help="JSON file with ks/e/d/r/bits (search output files work too)")

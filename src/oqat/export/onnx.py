@@ -21,13 +21,13 @@ torch.onnx exporter in use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from torch import nn
 
 from ..models import SubNet
@@ -35,6 +35,7 @@ from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, SqueezeExcite
 from ..quant import LSQQuantizer, qrange
 from ..utils.version import __version__
+from .graph import GraphBuilder
 from .meta import check_initialized, from_string_map, to_string_map
 
 DEFAULT_OPSET = 17
@@ -67,30 +68,13 @@ class CodeTensor:
     initializer: bool = False
 
 
-@dataclass
-class _Graph:
-    weights: str
-    nodes: list = field(default_factory=list)
-    inits: list = field(default_factory=list)
-    codes: list = field(default_factory=list)
-    _names: set = field(default_factory=set)
+class _Graph(GraphBuilder):
+    """The QCDQ graph: every quantized tensor as QuantizeLinear -> Clip -> DequantizeLinear."""
 
-    def const(self, name: str, array: np.ndarray) -> str:
-        if name in self._names:
-            raise RuntimeError(f"duplicate ONNX tensor name {name}")
-        self._names.add(name)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def param(self, name: str, t: torch.Tensor) -> str:
-        return self.const(name, t.detach().cpu().float().numpy())
-
-    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
-        if name in self._names:
-            raise RuntimeError(f"duplicate ONNX tensor name {name}")
-        self._names.add(name)
-        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
-        return name
+    def __init__(self, weights: str):
+        super().__init__()
+        self.weights = weights
+        self.codes: list[CodeTensor] = []
 
     # ------------------------------------------------------------------ quantization
     def qcdq(self, qname: str, x: str, q: LSQQuantizer, kind: str) -> str:
@@ -119,15 +103,6 @@ class _Graph:
         return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
 
     # ------------------------------------------------------------------ layers
-    def activation(self, name: str, act: nn.Module, x: str) -> str:
-        if isinstance(act, nn.Identity):
-            return x
-        if isinstance(act, nn.ReLU):
-            return self.op("Relu", [x], f"{name}.relu")
-        if isinstance(act, nn.Hardswish):
-            return self.op("HardSwish", [x], f"{name}.hardswish")
-        raise ValueError(f"export: activation {name} of type {type(act).__name__} is not supported")
-
     def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:
         quantized = layer.act_quant is not None and layer.act_quant.enabled
         if quantized:
@@ -145,25 +120,8 @@ class _Graph:
         y = self.op("Conv", [x, w], f"{name}.conv", kernel_shape=[k, k], strides=[layer.stride] * 2,
                     pads=[k // 2] * 4, group=groups)
         if layer.bn is not None:
-            bn = layer.bn
-            if bn.running_mean is None or bn.running_var is None:
-                raise ValueError(f"export: {name}.bn has no running statistics")
-            y = self.op("BatchNormalization",
-                        [y, self.param(f"{name}.bn.weight", bn.weight), self.param(f"{name}.bn.bias", bn.bias),
-                         self.param(f"{name}.bn.running_mean", bn.running_mean),
-                         self.param(f"{name}.bn.running_var", bn.running_var)],
-                        f"{name}.bn", epsilon=float(bn.eps))
+            y = self.batchnorm(name, layer.bn, y)
         return self.activation(name, layer.act, y)
-
-    def se(self, name: str, se: SqueezeExcite, x: str) -> str:
-        y = self.op("GlobalAveragePool", [x], f"{name}.pool")
-        y = self.op("Conv", [y, self.param(f"{name}.reduce.weight", se.reduce.weight),
-                             self.param(f"{name}.reduce.bias", se.reduce.bias)], f"{name}.reduce", kernel_shape=[1, 1])
-        y = self.op("Relu", [y], f"{name}.relu")
-        y = self.op("Conv", [y, self.param(f"{name}.expand.weight", se.expand.weight),
-                             self.param(f"{name}.expand.bias", se.expand.bias)], f"{name}.expand", kernel_shape=[1, 1])
-        y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
-        return self.op("Mul", [x, y], f"{name}.scale")
 
     def block(self, name: str, block: MBConvBlock, x: str) -> str:
         y = x if block.expand is None else self.qconvbn(f"{name}.expand", block.expand, x)

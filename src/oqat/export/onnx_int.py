@@ -37,6 +37,10 @@ int32 BN bias is ``gain`` times finer: see :func:`layer_gain`.
 The stem, squeeze-excite and classifier stay float (as OQA). Everything the verification needs
 (which tensor holds which quantizer's codes, with which zero point, gain and sign) is in the
 returned :class:`IntCodes` list and in the file's ``integer`` metadata.
+
+(One module of more than 400 lines, on purpose: the exact and the fast route and the per-layer
+fallback between them share one graph builder, its names and its state; split it by route
+when a third form is added.)
 """
 
 from __future__ import annotations
@@ -47,13 +51,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
-from torch import nn
+from onnx import TensorProto, helper
 
 from ..nn.block import MBConvBlock
-from ..nn.layers import QConvBN, SqueezeExcite
+from ..nn.layers import QConvBN
 from ..quant import LSQQuantizer, qrange
 from ..utils.version import __version__
+from .graph import GraphBuilder
 from .meta import to_string_map
 from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, _check_supported, _scale_value, weight_codes
 
@@ -231,29 +235,14 @@ class _Q:
     dtype: type = np.uint8
 
 
-class _IntGraph:
+class _IntGraph(GraphBuilder):
     def __init__(self, mode: str, gain: bool, float_weights: str = "float"):
+        super().__init__()
         self.mode, self.gain, self.float_weights = mode, gain, float_weights
-        self.nodes: list = []
-        self.inits: list = []
         self.codes: list[IntCodes] = []
         self.layers: list[IntLayer] = []
-        self._names: set[str] = set()
 
     # -------------------------------------------------------------- primitives
-    def _new(self, name: str) -> str:
-        if name in self._names:
-            raise RuntimeError(f"duplicate ONNX tensor name {name}")
-        self._names.add(name)
-        return name
-
-    def const(self, name: str, array) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(array), self._new(name)))
-        return name
-
-    def param(self, name: str, t: torch.Tensor) -> str:
-        return self.const(name, t.detach().cpu().float().numpy())
-
     def fp_weight(self, name: str, t: torch.Tensor) -> str:
         """A full-precision layer's weight: float32, or (``float_weights="int8"``) int8 with one
         symmetric scale per output channel (max|w| / 127) and a DequantizeLinear: 4x smaller,
@@ -268,11 +257,6 @@ class _IntGraph:
         s = self.const(f"{name}.int8_scale", scale.astype(np.float32))
         z = self.const(f"{name}.int8_zero_point", np.zeros(w.shape[0], np.int8))
         return self.op("DequantizeLinear", [c, s, z], f"{name}.dequantize", axis=0)
-
-    def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [self._new(name)], name=name, domain=domain or None,
-                                           **attrs))
-        return name
 
     def scalar(self, name: str, value, dtype) -> str:
         return self.const(name, np.array(value, dtype))
@@ -402,37 +386,14 @@ class _IntGraph:
         return self.dequantize(name, _Q(y, t, zp))
 
     # -------------------------------------------------------------- float parts
-    def activation(self, name: str, act: nn.Module, x: str) -> str:
-        if isinstance(act, nn.Identity):
-            return x
-        if isinstance(act, nn.ReLU):
-            return self.op("Relu", [x], f"{name}.relu")
-        if isinstance(act, nn.Hardswish):
-            return self.op("HardSwish", [x], f"{name}.hardswish")
-        raise ValueError(f"onnx-int: activation {name} of type {type(act).__name__} is not supported")
-
     def float_conv(self, name: str, layer: QConvBN, x: str) -> str:
         """A full-precision conv (the stem): Conv + BatchNormalization (onnxruntime folds them)."""
         k = int(layer.weight.shape[-1])
         y = self.op("Conv", [x, self.param(f"{name}.weight", layer.weight)], f"{name}.conv", kernel_shape=[k, k],
                     strides=[layer.stride] * 2, pads=[k // 2] * 4, group=int(layer.weight.shape[0]) if layer.depthwise else 1)
         if layer.bn is not None:
-            bn = layer.bn
-            y = self.op("BatchNormalization",
-                        [y, self.param(f"{name}.bn.weight", bn.weight), self.param(f"{name}.bn.bias", bn.bias),
-                         self.param(f"{name}.bn.running_mean", bn.running_mean),
-                         self.param(f"{name}.bn.running_var", bn.running_var)], f"{name}.bn", epsilon=float(bn.eps))
+            y = self.batchnorm(name, layer.bn, y)
         return self.activation(name, layer.act, y)
-
-    def se(self, name: str, se: SqueezeExcite, x: str) -> str:
-        y = self.op("GlobalAveragePool", [x], f"{name}.pool")
-        y = self.op("Conv", [y, self.fp_weight(f"{name}.reduce.weight", se.reduce.weight),
-                             self.param(f"{name}.reduce.bias", se.reduce.bias)], f"{name}.reduce", kernel_shape=[1, 1])
-        y = self.op("Relu", [y], f"{name}.relu")
-        y = self.op("Conv", [y, self.fp_weight(f"{name}.expand.weight", se.expand.weight),
-                             self.param(f"{name}.expand.bias", se.expand.bias)], f"{name}.expand", kernel_shape=[1, 1])
-        y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
-        return self.op("Mul", [x, y], f"{name}.scale")
 
     # -------------------------------------------------------------- structure
     def conv_to_float_act(self, name: str, layer: QConvBN, x: _Q, reason: str, hi: float | None = None) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,202 +35,10 @@ import onnx
 import torch
 from torch import nn
 
-from .. import data as D
 from ..quant import LSQQuantizer
+from .inputs import VerificationData, random_inputs, verification_inputs
 from .onnx import INPUT_NAME, OUTPUT_NAME
-
-MIN_TOP1 = 0.999
-MAX_CODE_SHARE = 0.001
-MAX_CODE_DIFF = 1
-MAX_TOP1_GAP = 0.2    # points of top-1 on labelled images, exported file vs PyTorch subnet
-
-
-class VerificationError(ValueError):
-    """An exported model does not compute what the PyTorch subnet computes."""
-
-    def __init__(self, message: str, report: "VerifyReport | None" = None):
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass
-class TensorCheck:
-    """Code comparison of one quantized tensor (``count`` codes per comparison)."""
-
-    name: str             # quantizer module path
-    kind: str             # "weight" or "activation"
-    bits: int
-    signed: bool
-    count: int = 0        # codes compared
-    differing: int = 0    # aligned comparison: codes that differ
-    max_diff: int = 0     # aligned comparison: largest |code difference|
-    e2e_differing: int = 0
-    e2e_max_diff: int = 0
-
-    @property
-    def share(self) -> float:
-        return self.differing / self.count if self.count else 0.0
-
-    @property
-    def e2e_share(self) -> float:
-        return self.e2e_differing / self.count if self.count else 0.0
-
-
-@dataclass
-class VerifyReport:
-    """Figures of one verification run; ``failures`` is empty when it passed."""
-
-    target: str                      # "onnxruntime" or "packed"
-    images: int
-    inputs: str                      # where the inputs came from
-    max_abs_diff: float = 0.0        # end to end
-    aligned_max_abs_diff: float = 0.0
-    max_abs_logit: float = 0.0
-    top1_agree: int = 0
-    labelled: int = 0                # images with labels (the task-level check)
-    reference_correct: int = 0       # of those, classified correctly by the PyTorch subnet
-    exported_correct: int = 0        # ... and by the exported model
-    tensors: list[TensorCheck] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    thresholds: dict = field(default_factory=dict)
-    graph: dict | None = None        # integer files: node counts of onnxruntime's optimized graph
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def top1_agreement(self) -> float:
-        return self.top1_agree / self.images if self.images else 1.0
-
-    @property
-    def reference_top1(self) -> float | None:
-        """Top-1 (percent) of the PyTorch subnet on the labelled images, None without labels."""
-        return 100.0 * self.reference_correct / self.labelled if self.labelled else None
-
-    @property
-    def exported_top1(self) -> float | None:
-        """Top-1 (percent) of the exported model on the labelled images, None without labels."""
-        return 100.0 * self.exported_correct / self.labelled if self.labelled else None
-
-    @property
-    def codes_compared(self) -> int:
-        return sum(t.count for t in self.tensors)
-
-    @property
-    def codes_differing(self) -> int:
-        return sum(t.differing for t in self.tensors)
-
-    @property
-    def e2e_codes_differing(self) -> int:
-        return sum(t.e2e_differing for t in self.tensors)
-
-    @property
-    def max_code_diff(self) -> int:
-        return max((t.max_diff for t in self.tensors), default=0)
-
-    @property
-    def e2e_max_code_diff(self) -> int:
-        return max((t.e2e_max_diff for t in self.tensors), default=0)
-
-    def worst(self) -> TensorCheck | None:
-        return max(self.tensors, key=lambda t: (t.share, t.max_diff), default=None)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(ok=self.ok, top1_agreement=self.top1_agreement, reference_top1=self.reference_top1,
-                 exported_top1=self.exported_top1, codes_compared=self.codes_compared,
-                 codes_differing=self.codes_differing, max_code_diff=self.max_code_diff,
-                 e2e_codes_differing=self.e2e_codes_differing, e2e_max_code_diff=self.e2e_max_code_diff)
-        for t, row in zip(self.tensors, d["tensors"]):
-            row.update(share=t.share, e2e_share=t.e2e_share)
-        return d
-
-    def summary(self) -> str:
-        """A few lines: the headline figures and the verdict."""
-        lines = [f"verification ({self.target}) on {self.images} inputs: {self.inputs}"]
-        if self.graph:
-            g = self.graph
-            lines.append(f"  optimized graph: {g['int_convs']} integer conv nodes for {g['expected_int']} quantized convs, "
-                         f"{g['float_convs']} float convs (full-precision layers: {g['allowed_float']})")
-        lines.append(f"  max |logit difference| {self.max_abs_diff:.3g} (largest |logit| {self.max_abs_logit:.3g}); "
-                     f"top-1 agreement {100 * self.top1_agreement:.2f}% ({self.top1_agree}/{self.images})")
-        if self.labelled:
-            lines.append(f"  top-1 on the {self.labelled} labelled images: exported {self.exported_top1:.2f}%, "
-                         f"PyTorch subnet {self.reference_top1:.2f}%")
-        if self.tensors:
-            n = self.codes_compared
-            w = self.worst()
-            lines.append(f"  integer codes, {len(self.tensors)} quantized tensors, {n} codes: "
-                         f"aligned {self.codes_differing} differ ({100 * self.codes_differing / max(n, 1):.4f}%, "
-                         f"largest difference {self.max_code_diff}, worst tensor {w.name} {100 * w.share:.4f}%); "
-                         f"end to end {self.e2e_codes_differing} differ "
-                         f"({100 * self.e2e_codes_differing / max(n, 1):.4f}%, largest difference {self.e2e_max_code_diff})")
-        else:
-            lines.append("  no quantized tensors (full precision)")
-        lines.append("  PASSED" if self.ok else "  FAILED: " + "; ".join(self.failures))
-        return "\n".join(lines)
-
-    def table(self) -> str:
-        """Per-tensor rows: codes compared, aligned and end-to-end differing shares and largest differences."""
-        rows = [f"  {'quantized tensor':40s} {'kind':10s} {'bits':>4s} {'codes':>10s} {'aligned':>9s} {'max':>3s}"
-                f" {'e2e':>9s} {'max':>3s}"]
-        for t in self.tensors:
-            rows.append(f"  {t.name:40s} {t.kind:10s} {t.bits:4d} {t.count:10d} {100 * t.share:8.4f}% {t.max_diff:3d}"
-                        f" {100 * t.e2e_share:8.4f}% {t.e2e_max_diff:3d}")
-        return "\n".join(rows)
-
-
-# ---------------------------------------------------------------------------------- inputs
-@dataclass
-class VerificationData:
-    """Images to verify an export on, with labels where they are real data (the task check)."""
-
-    images: torch.Tensor                  # (N, C, r, r) at the subnet's resolution
-    labels: torch.Tensor | None
-    description: str
-    class_names: tuple[str, ...] | None = None
-
-
-def verification_inputs(config: dict | None, space, resolution: int, n: int, seed: int = 0
-                        ) -> tuple[VerificationData, str | None]:
-    """(verification data, note or None).
-
-    `n` labelled held-out images (``oqat.data``) when ``config["data"]`` is there and loadable,
-    resized to ``resolution``; otherwise seeded standard-normal inputs without labels, with a
-    note saying why.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"verify images: expected a positive integer, got {n!r}")
-    data_cfg = (config or {}).get("data") if isinstance(config, dict) else None
-    if data_cfg:
-        try:
-            cfg = D.DataConfig.from_dict(dict(data_cfg))
-            data = D.build_data(cfg)
-            if data.in_channels != space.in_channels:
-                raise ValueError(f"data has {data.in_channels} channels but the model takes {space.in_channels}")
-            if len(data.holdout) == 0:
-                raise ValueError("the held-out split is empty (data.holdout = 0)")
-            subset = D.calibration_subset(data.holdout, n, seed)
-            items = [subset[i] for i in range(len(subset))]
-            images = D.resize_batch(torch.stack([x for x, _ in items]).float(), resolution)
-            labels = torch.tensor([int(y) for _, y in items])
-            desc = f"{len(subset)} held-out images of {cfg.name} at {resolution} px"
-            if len(subset) < n:
-                desc += f" (the held-out split has only {len(subset)})"
-            return VerificationData(images, labels, desc, tuple(data.classes) or None), None
-        except (ValueError, OSError, RuntimeError) as exc:
-            note = f"held-out data not available ({exc})"
-    else:
-        note = "the checkpoint has no data config"
-    return random_inputs(space, resolution, n, seed, note), note
-
-
-def random_inputs(space, resolution: int, n: int, seed: int, reason: str) -> VerificationData:
-    """`n` seeded standard-normal inputs (no labels); `reason` says why no real images."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, space.in_channels, resolution, resolution, generator=g)
-    return VerificationData(images, None, f"{n} random standard-normal inputs ({reason})")
+from .report import MAX_CODE_DIFF, MAX_CODE_SHARE, MAX_TOP1_GAP, MIN_TOP1, TensorCheck, VerificationError, VerifyReport
 
 
 # ---------------------------------------------------------------------------------- PyTorch side
@@ -240,9 +47,11 @@ def quantizers_of(model: nn.Module) -> dict[str, LSQQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LSQQuantizer) and m.enabled}
 
 
+
 def _codes(output: torch.Tensor, q: LSQQuantizer) -> torch.Tensor:
     # output = code * s in float32, so output / s is within a few ulps of the integer code.
     return torch.round(output.detach() / q.effective_step().detach().to(output.dtype)).to(torch.int16)
+
 
 
 @contextmanager
@@ -269,6 +78,7 @@ def _hooks(model: nn.Module, store: dict, force: dict | None = None):
             h.remove()
 
 
+
 def torch_forward(model: nn.Module, x: torch.Tensor, force: dict | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and every quantizer's integer codes (int16) of one eval forward; ``force`` as in
@@ -280,12 +90,14 @@ def torch_forward(model: nn.Module, x: torch.Tensor, force: dict | None = None
     return logits, codes
 
 
+
 # ---------------------------------------------------------------------------------- comparison
 def _diff(a: np.ndarray, b: np.ndarray, name: str) -> tuple[int, int]:
     if a.shape != b.shape:
         raise VerificationError(f"{name}: exported codes have shape {b.shape}, expected {a.shape}")
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     return int(np.count_nonzero(d)), int(d.max(initial=0))
+
 
 
 class _Compare:
@@ -351,6 +163,20 @@ class _Compare:
         return r
 
 
+
+def compare_batch(cmp: _Compare, sub: nn.Module, x: torch.Tensor, y, logits: np.ndarray, ort_codes: dict,
+                  deployed, feed: dict) -> None:
+    """One batch of an ONNX verification: PyTorch run freely and aligned to the file's codes, both
+    against the file's logits and codes; with labels `y`, the deployment session's top-1 too."""
+    ref_logits, ref_codes = torch_forward(sub, x)
+    aligned_logits, aligned_codes = torch_forward(sub, x, force=ort_codes)
+    cmp.logits(ref_logits.numpy(), logits, aligned_logits.numpy())
+    if y is not None:
+        cmp.labels(ref_logits.numpy(), deployed.run([OUTPUT_NAME], feed)[0], y)
+    for name, codes in ort_codes.items():
+        cmp.codes(name, codes, ref_codes[name].numpy(), aligned_codes[name].numpy())
+
+
 def _batches(x: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None):
     """(images, labels or None) in batches of `batch_size`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -359,6 +185,7 @@ def _batches(x: torch.Tensor, batch_size: int, labels: torch.Tensor | None = Non
         raise ValueError(f"verification labels: {labels.shape[0]} labels for {x.shape[0]} images")
     for i in range(0, x.shape[0], batch_size):
         yield x[i:i + batch_size], None if labels is None else labels[i:i + batch_size].numpy()
+
 
 
 def ort_session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, threads: int | None = None,
@@ -385,6 +212,7 @@ def ort_session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, t
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
+
 def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], dict[str, np.ndarray]]:
     """A copy whose Clip outputs ``<q>.codes`` are graph outputs; also the int8 weight-code initializers."""
     from onnx import numpy_helper
@@ -402,6 +230,7 @@ def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     inits = {i.name[: -len(".codes")]: numpy_helper.to_array(i) for i in m.graph.initializer
              if i.name.endswith(".codes")}
     return m, outputs, inits
+
 
 
 def verify_onnx(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs: torch.Tensor, *,
@@ -447,17 +276,12 @@ def verify_onnx(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs: tor
         outs = session.run(names, feed)
         ort_codes = dict(zip(keys, outs[1:]))
         ort_codes.update({n: c for n, c in code_inits.items() if n in quantizers})
-        ref_logits, ref_codes = torch_forward(sub, x)
-        aligned_logits, aligned_codes = torch_forward(sub, x, force=ort_codes)
-        cmp.logits(ref_logits.numpy(), outs[0], aligned_logits.numpy())
-        if y is not None:
-            cmp.labels(ref_logits.numpy(), deployed.run([OUTPUT_NAME], feed)[0], y)
-        for name, codes in ort_codes.items():
-            cmp.codes(name, codes, ref_codes[name].numpy(), aligned_codes[name].numpy())
+        compare_batch(cmp, sub, x, y, outs[0], ort_codes, deployed, feed)
     report = cmp.finish(min_top1, max_code_share, max_code_diff, None)
     if raise_on_failure and not report.ok:
         raise VerificationError("exported ONNX model failed verification: " + "; ".join(report.failures), report)
     return report
+
 
 
 def verify_models(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor, *, target: str = "packed",
@@ -488,5 +312,5 @@ def verify_models(reference: nn.Module, candidate: nn.Module, inputs: torch.Tens
     return report
 
 
-__all__ = ["MAX_TOP1_GAP", "VerificationData", "VerificationError", "VerifyReport", "TensorCheck", "verify_onnx", "verify_models",
-           "verification_inputs", "torch_forward", "ort_session", "quantizers_of"]
+__all__ = ["MAX_TOP1_GAP", "TensorCheck", "VerificationData", "VerificationError", "VerifyReport", "compare_batch", "ort_session",
+           "quantizers_of", "random_inputs", "torch_forward", "verification_inputs", "verify_models", "verify_onnx"]

@@ -41,8 +41,8 @@ from .verify import (
     VerifyReport,
     _batches,
     _Compare,
+    compare_batch,
     quantizers_of,
-    torch_forward,
 )
 
 MIN_TOP1_INT = {2: 0.99}          # by bits; every other bit-width 0.995
@@ -202,13 +202,7 @@ def verify_onnx_int(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs:
         outs = session.run(names, feed)
         ort_codes = {c.name: o.astype(np.int16) - c.zero_point for c, o in zip(acts, outs[1:])}
         ort_codes.update({n: w for n, w in weights.items() if n in quantizers})
-        ref_logits, ref_codes = torch_forward(sub, x)
-        aligned_logits, aligned_codes = torch_forward(sub, x, force=ort_codes)
-        cmp.logits(ref_logits.numpy(), outs[0], aligned_logits.numpy())
-        if y is not None:
-            cmp.labels(ref_logits.numpy(), deployed.run([OUTPUT_NAME], feed)[0], y)
-        for name, c in ort_codes.items():
-            cmp.codes(name, c, ref_codes[name].numpy(), aligned_codes[name].numpy())
+        compare_batch(cmp, sub, x, y, outs[0], ort_codes, deployed, feed)
     report = cmp.finish(min_top1, max_code_share, max_code_diff, None)
     report.graph = graph.to_dict()
     if raise_on_failure and not report.ok:

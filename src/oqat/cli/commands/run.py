@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from ..args import add_procs_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -25,9 +27,7 @@ def register(sub) -> None:
                    help="only rebuild the report from the run folder (its run.json and stage markers; no config, "
                         "data or checkpoints needed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--procs", default=None, metavar="N|auto",
-                   help="CPU processes (default: the config's `procs`, 'auto': one single-threaded process per core, "
-                        "which keeps its speed when another program takes a core; OQAT_PROCS overrides)")
+    add_procs_arg(p, "the config's `procs`, else auto")
     p.set_defaults(func=run)
 
 

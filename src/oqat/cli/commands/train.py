@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..args import add_procs_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a (quantized) supernet; `torchrun ... -m oqat train` for DDP")
@@ -17,9 +19,7 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--procs", default=None, metavar="N|auto",
-                   help="CPU processes splitting the configured batch ('auto', the default: one single-threaded process "
-                        "per core; 1: one process with torch's threads; OQAT_PROCS overrides)")
+    add_procs_arg(p, "auto")
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,71 @@
+"""The ONNX graph under construction that both exported forms build on: unique tensor names,
+initializers, nodes, and the float layers they write alike (activations, BatchNormalization,
+squeeze-excite). :mod:`.onnx` adds the QCDQ quantizers, :mod:`.onnx_int` the integer convs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from ..nn.layers import SqueezeExcite
+
+
+class GraphBuilder:
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.inits: list = []
+        self._names: set[str] = set()
+
+    def _new(self, name: str) -> str:
+        if name in self._names:
+            raise RuntimeError(f"duplicate ONNX tensor name {name}")
+        self._names.add(name)
+        return name
+
+    def const(self, name: str, array) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(array), self._new(name)))
+        return name
+
+    def param(self, name: str, t: torch.Tensor) -> str:
+        return self.const(name, t.detach().cpu().float().numpy())
+
+    def fp_weight(self, name: str, t: torch.Tensor) -> str:
+        """A full-precision layer's weight (squeeze-excite): float32 here; forms may store it otherwise."""
+        return self.param(name, t)
+
+    def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [self._new(name)], name=name, domain=domain or None,
+                                           **attrs))
+        return name
+
+    def activation(self, name: str, act: nn.Module, x: str) -> str:
+        if isinstance(act, nn.Identity):
+            return x
+        if isinstance(act, nn.ReLU):
+            return self.op("Relu", [x], f"{name}.relu")
+        if isinstance(act, nn.Hardswish):
+            return self.op("HardSwish", [x], f"{name}.hardswish")
+        raise ValueError(f"export: activation {name} of type {type(act).__name__} is not supported")
+
+    def batchnorm(self, name: str, bn: nn.BatchNorm2d, y: str) -> str:
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"export: {name}.bn has no running statistics")
+        return self.op("BatchNormalization",
+                       [y, self.param(f"{name}.bn.weight", bn.weight), self.param(f"{name}.bn.bias", bn.bias),
+                        self.param(f"{name}.bn.running_mean", bn.running_mean),
+                        self.param(f"{name}.bn.running_var", bn.running_var)], f"{name}.bn", epsilon=float(bn.eps))
+
+    def se(self, name: str, se: SqueezeExcite, x: str) -> str:
+        y = self.op("GlobalAveragePool", [x], f"{name}.pool")
+        y = self.op("Conv", [y, self.fp_weight(f"{name}.reduce.weight", se.reduce.weight),
+                             self.param(f"{name}.reduce.bias", se.reduce.bias)], f"{name}.reduce", kernel_shape=[1, 1])
+        y = self.op("Relu", [y], f"{name}.relu")
+        y = self.op("Conv", [y, self.fp_weight(f"{name}.expand.weight", se.expand.weight),
+                             self.param(f"{name}.expand.bias", se.expand.bias)], f"{name}.expand", kernel_shape=[1, 1])
+        y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
+        return self.op("Mul", [x, y], f"{name}.scale")
+
+
+__all__ = ["GraphBuilder"]
