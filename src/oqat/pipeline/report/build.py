@@ -36,6 +36,12 @@ def bits_label(bits: int) -> str:
     return "FP" if bits == 32 else f"{bits}-bit"
 
 
+def _steps(t) -> str:
+    """``1500 steps × 64 images (2 processes)``: the global batch of a training stage."""
+    procs = f" ({t.world_size} processes)" if t.world_size > 1 else ""
+    return f"{t.steps} steps × {t.batch_size * t.world_size} images{procs}"
+
+
 def _comparison(searches: dict[int, SearchOutcome], baseline: BaselineOutcome | None,
                 oqat_epochs: float | None) -> dict | None:
     """The best OQAT subnet at no more BitOPs than the baseline (its own budget when searched)."""
@@ -117,10 +123,9 @@ class _Report:
             m, r = run.markers.get(s.name), run.outcomes.get(s.name)
             detail = ""
             if s.kind in ("fp", "train") and r:
-                detail = f"{r.steps} steps × {r.batch_size} images" + (
-                    f" = {r.epochs_done:.2f} epochs" if r.epochs_done is not None else "")
+                detail = _steps(r) + (f" = {r.epochs_done:.2f} epochs" if r.epochs_done is not None else "")
             elif s.kind == "baseline" and r:
-                detail = f"{r.train.steps} steps × {r.train.batch_size} images = {r.train.epochs_done:.2f} epochs"
+                detail = f"{_steps(r.train)} = {r.train.epochs_done:.2f} epochs"
             elif s.kind == "search" and r:
                 spe = r.seconds_per_evaluation
                 detail = f"{r.evaluated} subnets measured" + (f", {spe:.2f} s each" if spe else "") + (
