@@ -32,14 +32,17 @@ def _arch(bits):
 
 @functools.cache
 def _trained(bits: int):
-    """A 24 px mbv3-tiny subnet at `bits`, trained 40 SGD steps on synthetic data, BN re-estimated:
-    real margins, so agreement is a meaningful test (random networks are chaotic)."""
+    """A 24 px mbv3-tiny subnet at `bits`, trained 80 Adam steps on synthetic data, BN re-estimated:
+    real margins (holdout top-1 well above chance at 3 bits and up), so agreement is a meaningful
+    test (random networks are chaotic; 25 SGD steps left the loss at chance and 2 bits diverged)."""
     from oqat import data as D
 
+    # Seeded first: the training split's augmentation draws from the global generator, so an
+    # unseeded draw made this subnet depend on the tests that ran before (2 bit then diverged).
+    torch.manual_seed(bits)
     data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
     x = torch.stack([data.train[i][0] for i in range(len(data.train))])
     y = torch.tensor([data.train[i][1] for i in range(len(data.train))])
-    torch.manual_seed(bits)
     net = build_supernet(SPACE, bits, impl="eager")
     arch = _arch(bits)
     net.train()
@@ -47,9 +50,9 @@ def _trained(bits: int):
         net.set_arch(SPACE.largest(bits))
         net(torch.randn(8, 3, 32, 32))
     net.set_arch(arch)
-    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(25):
+    for _ in range(80):
         idx = torch.randint(0, len(x), (32,), generator=g)
         loss = torch.nn.functional.cross_entropy(net(D.resize_batch(x[idx], 24)), y[idx])
         opt.zero_grad()

@@ -1,15 +1,22 @@
 """The ONNX graph under construction that both exported forms build on: unique tensor names,
-initializers, nodes, and the float layers they write alike (activations, BatchNormalization,
-squeeze-excite). :mod:`.onnx` adds the QCDQ quantizers, :mod:`.onnx_int` the integer convs."""
+initializers, nodes, the float layers they write alike (activations, BatchNormalization,
+squeeze-excite, the classifier) and the checked model around them. :mod:`.onnx` adds the QCDQ
+quantizers, :mod:`.onnx_int` the integer convs."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..nn.layers import SqueezeExcite
+from ..utils.version import __version__
+from .meta import to_string_map
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
 
 
 class GraphBuilder:
@@ -67,5 +74,32 @@ class GraphBuilder:
         y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
         return self.op("Mul", [x, y], f"{name}.scale")
 
+    def classifier(self, linear: nn.Linear, x: str) -> str:
+        """The float classifier on the pooled features; its output is the graph's ``logits``."""
+        x = self.op("Flatten", [x], "flatten", axis=1)
+        self.nodes.append(helper.make_node(
+            "Gemm", [x, self.fp_weight("classifier.weight", linear.weight),
+                     self.param("classifier.bias", linear.bias)], [self._new(OUTPUT_NAME)], name="classifier",
+            transB=1))
+        return OUTPUT_NAME
 
-__all__ = ["GraphBuilder"]
+    def model(self, sub, *, name: str, doc: str, opset: int, props: dict | None = None,
+              extra_outputs: tuple = ()) -> onnx.ModelProto:
+        """The checked ONNX model of this graph: ``input`` (batch, C, r, r) with a dynamic batch to
+        ``logits`` (batch, classes), plus ``extra_outputs`` (value infos), and ``props`` as metadata."""
+        space, r = sub.space, sub.arch.r
+        inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", space.in_channels, r, r])]
+        outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", space.num_classes]),
+                   *extra_outputs]
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="oqat",
+                                  producer_version=__version__, doc_string=doc)
+        # The lowest IR version that carries this opset: older runtimes can read the file too.
+        model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+        if props:
+            helper.set_model_props(model, to_string_map(props))
+        onnx.checker.check_model(model)
+        return model
+
+
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "GraphBuilder"]

@@ -34,13 +34,10 @@ from ..models import SubNet
 from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, SqueezeExcite
 from ..quant import LSQQuantizer, qrange
-from ..utils.version import __version__
-from .graph import GraphBuilder
-from .meta import check_initialized, from_string_map, to_string_map
+from .graph import INPUT_NAME, GraphBuilder
+from .meta import check_initialized, from_string_map
 
 DEFAULT_OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 WEIGHT_MODES = ("float", "int8")
 
 
@@ -166,27 +163,12 @@ def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, wei
         x = g.qconvbn("final_expand", sub.final_expand, x)
         x = g.op("GlobalAveragePool", [x], "pool")
         x = g.qconvbn("feature_mix", sub.feature_mix, x)
-        x = g.op("Flatten", [x], "flatten", axis=1)
-        g.nodes.append(helper.make_node("Gemm", [x, g.param("classifier.weight", sub.classifier.weight),
-                                                 g.param("classifier.bias", sub.classifier.bias)],
-                                        [OUTPUT_NAME], name="classifier", transB=1))
-    space, r = sub.space, sub.arch.r
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", space.in_channels, r, r])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", space.num_classes])]
-    if expose_codes:
-        for c in g.codes:
-            if not c.initializer:
-                dtype = TensorProto.INT8 if c.signed else TensorProto.UINT8
-                outputs.append(helper.make_tensor_value_info(c.tensor, dtype, None))
-    graph = helper.make_graph(g.nodes, f"oqat-{space.name}-{sub.bits}bit", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="oqat",
-                              producer_version=__version__,
-                              doc_string=f"oqat subnet of {space.name} at {sub.bits} bit, QCDQ form")
-    # The lowest IR version that carries this opset: older runtimes can read the file too.
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
-    if info:
-        helper.set_model_props(model, to_string_map(info))
-    onnx.checker.check_model(model)
+        g.classifier(sub.classifier, x)
+    code_outputs = tuple(
+        helper.make_tensor_value_info(c.tensor, TensorProto.INT8 if c.signed else TensorProto.UINT8, None)
+        for c in g.codes if expose_codes and not c.initializer)
+    model = g.model(sub, name=f"oqat-{sub.space.name}-{sub.bits}bit", opset=opset, props=info,
+                    doc=f"oqat subnet of {sub.space.name} at {sub.bits} bit, QCDQ form", extra_outputs=code_outputs)
     return model, g.codes
 
 

@@ -51,15 +51,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN
 from ..quant import LSQQuantizer, qrange
-from ..utils.version import __version__
-from .graph import GraphBuilder
-from .meta import to_string_map
-from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, _check_supported, _scale_value, weight_codes
+from .graph import INPUT_NAME, GraphBuilder
+from .onnx import DEFAULT_OPSET, _check_supported, _scale_value, weight_codes
 
 MODES = ("exact", "fast")
 FLOAT_WEIGHTS = ("float", "int8")
@@ -491,23 +489,12 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
         y = g.op("GlobalAveragePool", [y], "pool")
         y = g.quantize("feature_mix.act_quant", y, sub.feature_mix.act_quant)
         y = g.conv_to_float_act("feature_mix", sub.feature_mix, y, "the float classifier follows (no BN)")
-        y = g.op("Flatten", [y], "flatten", axis=1)
-        g.nodes.append(helper.make_node("Gemm", [y, g.fp_weight("classifier.weight", sub.classifier.weight),
-                                                 g.param("classifier.bias", sub.classifier.bias)],
-                                        [OUTPUT_NAME], name="classifier", transB=1))
-    space, r = sub.space, sub.arch.r
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", space.in_channels, r, r])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", space.num_classes])]
-    graph = helper.make_graph(g.nodes, f"oqat-{space.name}-{sub.bits}bit-int", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="oqat",
-                              producer_version=__version__,
-                              doc_string=f"oqat subnet of {space.name} at {sub.bits} bit, integer form ({mode})")
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+        g.classifier(sub.classifier, y)
     props = dict(info or {})
     props["integer"] = integer_info(mode, weight_gain, g.codes, g.layers)
     props["integer"]["float_weights"] = float_weights
-    helper.set_model_props(model, to_string_map(props))
-    onnx.checker.check_model(model)
+    model = g.model(sub, name=f"oqat-{sub.space.name}-{sub.bits}bit-int", opset=opset, props=props,
+                    doc=f"oqat subnet of {sub.space.name} at {sub.bits} bit, integer form ({mode})")
     return model, g.codes, g.layers
 
 

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ..quant import LSQQuantizer
+from .graph import INPUT_NAME, OUTPUT_NAME
 from .inputs import VerificationData, random_inputs, verification_inputs
-from .onnx import INPUT_NAME, OUTPUT_NAME
 from .report import MAX_CODE_DIFF, MAX_CODE_SHARE, MAX_TOP1_GAP, MIN_TOP1, TensorCheck, VerificationError, VerifyReport
 
 

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..nn.layers import QConvBN
-from .onnx import INPUT_NAME, OUTPUT_NAME
+from .graph import INPUT_NAME, OUTPUT_NAME
 from .onnx_int import FLOAT_CONV_OPS, INT_CONV_OPS, IntCodes, codes_from_info
 from .verify import (
     MAX_CODE_DIFF,
