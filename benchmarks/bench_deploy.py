@@ -27,7 +27,6 @@ from bench_export import OQA_README, fresh_subnet  # noqa: E402
 
 from oqat import Arch, SearchSpace  # noqa: E402
 from oqat.export import deployable_from_checkpoint, export_subnet  # noqa: E402
-from oqat.export import openvino_check as ovc  # noqa: E402
 from oqat.export.deployment import DeploymentFiles, deployment_row, fp32_reference  # noqa: E402
 from oqat.export.meta import model_info, preprocessing_for  # noqa: E402
 from oqat.export.onnx import export_onnx  # noqa: E402
@@ -51,16 +50,6 @@ def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
     return DeploymentFiles(fp32=fp32, qcdq=qcdq, integer=paths[("exact", "float")], packed=packed,
                            extra={"integer-fast": paths[("fast", "float")], "integer-int8fp": paths[("exact", "int8")],
                                   "integer-fast-int8fp": paths[("fast", "int8")]})
-
-
-def openvino_rows(files: DeploymentFiles, shape, threads: int, runs: int) -> dict:
-    if not ovc.available():
-        return {"skipped": "openvino not installed"}
-    out = {}
-    for b in (1, 32):
-        out[str(b)] = ovc.openvino_latency({"fp32": files.fp32, "qcdq": files.qcdq}, b, shape, threads=threads,
-                                           runs=runs)
-    return out
 
 
 def main() -> None:
@@ -91,10 +80,8 @@ def run(args) -> None:
                 files = write_files(sub, folder, f"oqa{bits}")
                 row = deployment_row(files, subnet="mbv3-imagenet OQA README subnet (random weights)", bits=bits,
                                      resolution=arch.r, threads=args.threads, runs=args.runs)
-                print(row.table())
-                ov = openvino_rows(files, (3, arch.r, arch.r), args.threads, args.runs)
-                print(f"OpenVINO CPU ({args.threads} thread(s)), ms: {json.dumps(ov)}\n", flush=True)
-                rows.append({**row.to_dict(), "openvino_ms": ov})
+                print(row.table() + "\n", flush=True)
+                rows.append(row.to_dict())
         for ckpt in args.ckpt:
             from oqat.models import load_checkpoint
 
@@ -119,20 +106,15 @@ def run(args) -> None:
                 reports[mode] = rep.to_dict() if rep else None
             qc = export_subnet(dep.sub, folder / "ck-qcdq.onnx", "onnx", config=dep.ckpt.config, weights="int8",
                                verification=dep.verification, calibration=dep.calibration, progress=False)
-            ov = None
-            if ovc.available():
-                v = dep.verification
-                ov = ovc.verify_openvino(qc.path, dep.sub, v.images, labels=v.labels)
-                print(f"OpenVINO on the QCDQ file: convs {ov.precisions}, top-1 agreement "
-                      f"{100 * ov.top1_agreement:.2f}% ({ov.images} images), top-1 file/PyTorch "
-                      f"{100 * ov.exported_correct / max(ov.labelled, 1):.2f}/{100 * ov.reference_correct / max(ov.labelled, 1):.2f}% "
-                      f"{'PASSED' if ov.ok else 'FAILED: ' + '; '.join(ov.failures)}")
+            ov = qc.info.get("openvino")       # export_subnet checks a QCDQ file on OpenVINO where installed
+            if ov:
+                print(f"OpenVINO on the QCDQ file: {ov}")
             files = write_files(dep.sub, folder, "ck")
             row = deployment_row(files, subnet=f"{header.space.name} {arch.to_json()}", bits=header.bits,
                                  resolution=arch.r, in_channels=header.space.in_channels, threads=args.threads,
                                  runs=args.runs)
             print(row.table() + "\n", flush=True)
-            rows.append({**row.to_dict(), "verification": reports, "openvino": ov.to_dict() if ov else None})
+            rows.append({**row.to_dict(), "verification": reports, "openvino": ov})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

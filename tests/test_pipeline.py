@@ -14,6 +14,7 @@ import yaml
 
 from oqat import Arch
 from oqat.data import DataConfig
+from oqat.export import openvino_check as ovc
 from oqat.models import load_checkpoint
 from oqat.pipeline import (
     Pipeline,
@@ -102,8 +103,12 @@ def test_every_stage_runs_and_records_its_results(done_run):
             assert (out / f["path"]).is_file() and f["verified"] is True
         assert row["latency_ms_torch"] > 0 and row["latency_ms_onnx"] > 0
         d = row["deployment"]   # the deployment table: FP32 twin, QCDQ and integer files at batch 1 and 32
-        assert set(d["latency_ms"]) == {"fp32", "qcdq", "integer"} and all(
+        ov = {"openvino-fp32", "openvino-qcdq"} if ovc.available() else set()   # and OpenVINO's where installed
+        assert set(d["latency_ms"]) == {"fp32", "qcdq", "integer"} | ov and all(
             v["1"] > 0 and v["32"] > 0 for v in d["latency_ms"].values())
+        # the QCDQ file was checked on OpenVINO and is scored on it, as `oqat predict` would run it
+        assert row["files"]["onnx"]["engine"].startswith("OpenVINO" if ov else "onnxruntime"), row["files"]["onnx"]["notes"]
+        assert row["files"]["onnx-int"]["engine"].startswith("onnxruntime")
         assert d["file_bytes"]["packed"] == row["files"]["oqat"]["size_bytes"] and d["isa"] and d["threads"] == 1
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from ..data import resize_batch
 from ..measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES, load_context
 from ..models import Checkpoint, load_checkpoint, load_supernet
-from .meta import model_info, preprocessing_for
+from . import openvino_check as ovc
+from .meta import model_info, preprocessing_for, to_string_map
 from .onnx import DEFAULT_OPSET, build_onnx
 from .onnx_int import DEFAULT_MODE, build_onnx_int
 from .packed import load_packed, plain_permissions, save_packed
@@ -26,7 +27,7 @@ from .verify import (
     verify_models,
     verify_onnx,
 )
-from .verify_int import verify_onnx_int
+from .verify_int import count_convs, verify_onnx_int
 
 FORMATS = ("onnx", "oqat", "onnx-int")
 
@@ -44,7 +45,8 @@ class ExportResult:
         return {"path": str(self.path), "format": self.format, "size_bytes": self.size, "notes": self.notes,
                 "arch": self.info["arch"], "bits": self.info["bits"], "space": self.info["space_name"],
                 "bn_calibration": self.info["bn_calibration"],
-                "verification": None if self.report is None else self.report.to_dict()}
+                "verification": None if self.report is None else self.report.to_dict(),
+                "openvino": self.info.get("openvino")}
 
 
 NOT_RECALIBRATED = "BN statistics NOT re-calibrated: the supernet's running statistics, which belong to no subnet"
@@ -110,6 +112,20 @@ def deployable_from_checkpoint(ckpt_path: str | Path, arch, *, calib_images: int
     return Deployable(net.extract(arch).eval(), ckpt, calibration, verification)
 
 
+def openvino_verdict(path: Path, sub, v: VerificationData, batch_size: int, notes: list[str]) -> dict:
+    """The OpenVINO check of a QCDQ file as a metadata record (a failure becomes a note)."""
+    try:
+        rep = ovc.verify_openvino(path, sub, v.images, labels=v.labels, batch_size=batch_size)
+    except ValueError as exc:
+        notes.append(f"OpenVINO check not run: {exc}")
+        return {"version": ovc.version(), "verified": False, "failures": [str(exc)]}
+    if not rep.ok:
+        notes.append(f"OpenVINO check FAILED ({'; '.join(rep.failures)}): `oqat predict` runs this file on "
+                     f"onnxruntime")
+    return {"version": ovc.version(), "verified": rep.ok, "top1_agreement": rep.top1_agreement,
+            "integer_convs": rep.int_convs, "quantized_convs": rep.expected_int, "failures": rep.failures}
+
+
 def read_class_names(path: str | Path) -> list[str]:
     """Class names from a JSON list or a text file with one name per line."""
     path = Path(path)
@@ -142,9 +158,10 @@ def unverified_path(path: Path) -> Path:
 def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | None = None, verify: bool = True,
                   verify_images: int = 256, seed: int = 0, batch_size: int = 32, accuracy: float | None = None,
                   class_names: list[str] | None = None, source: dict | None = None, opset: int = DEFAULT_OPSET,
-                  weights: str = "float", verification: VerificationData | None = None,
+                  weights: str = "int8", verification: VerificationData | None = None,
                   calibration: dict | None = None, progress: bool | None = None,
-                  int_mode: str = DEFAULT_MODE, int_float_weights: str = "float") -> ExportResult:
+                  int_mode: str = DEFAULT_MODE, int_float_weights: str = "float",
+                  openvino: bool | None = None) -> ExportResult:
     """Write ``sub`` to ``out`` as ONNX (``fmt="onnx"``), integer ONNX (``"onnx-int"``, mode
     ``int_mode``, see :mod:`oqat.export.onnx_int`) or packed (``"oqat"``) and verify the file.
 
@@ -155,6 +172,11 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
     ``config["data"]``, else random inputs), then renamed to ``out``. A model that fails
     verification is kept as ``<name>.unverified<suffix>`` and :class:`VerificationError` (a
     ValueError) is raised with the figures.
+
+    A verified quantized QCDQ file is also checked on OpenVINO (``openvino``; default: when it is
+    installed, see :mod:`oqat.export.openvino_check`), the engine that runs it on integer kernels;
+    the outcome goes into the metadata (``openvino``), which ``oqat predict`` reads to pick it.
+    Failing that check is a note, not an error: onnxruntime has verified the file.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {list(FORMATS)}")
@@ -179,6 +201,7 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
     try:
         if fmt in ("onnx", "onnx-int"):
             import onnx
+            from onnx import helper
 
             if fmt == "onnx":
                 model, _ = build_onnx(sub, info=info, opset=opset, weights=weights)
@@ -207,6 +230,10 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
                 raise VerificationError(
                     f"{out}: exported model FAILED verification ({'; '.join(report.failures)}); "
                     f"not written there, kept as {bad} for inspection", report)
+            if fmt == "onnx" and (ovc.available() if openvino is None else openvino) and count_convs(sub)[0]:
+                info["openvino"] = openvino_verdict(tmp, sub, verification, batch_size, notes)
+                helper.set_model_props(model, to_string_map(info))
+                onnx.save_model(model, str(tmp))
         plain_permissions(tmp)
         os.replace(tmp, out)
     finally:

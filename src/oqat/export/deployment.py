@@ -1,5 +1,7 @@
 """The deployment table row of one subnet: file sizes, resident weight memory and latency of its
-FP32, QCDQ and integer ONNX files side by side, with the engine, threads and instruction set.
+FP32, QCDQ and integer ONNX files side by side, with the engine, threads and instruction set;
+where OpenVINO is installed, its FP32 and QCDQ latencies too (it runs the QCDQ file on integer
+kernels, onnxruntime in float), each compared with its own engine's FP32.
 
 The FP32 reference of a quantized subnet is the same subnet with every quantizer disabled
 (:func:`fp32_reference`: a copy whose quantizers are set to 32 bits, the identity), exported
@@ -15,7 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import onnx
 from torch import nn
 
 from ..quant import LSQQuantizer
+from . import openvino_check as ovc
 from .verify import ort_session
 from .verify_int import int_session
 
@@ -126,14 +129,15 @@ class DeploymentRow:
     weight_bytes: dict = field(default_factory=dict)      # resident weight memory per ONNX file
     latency_ms: dict = field(default_factory=dict)        # {"fp32": {"1": ms, "32": ms}, ...}
     engine: str = ""
+    openvino: str = ""                                    # OpenVINO version where it timed fp32 / qcdq too
     threads: int = 1
     isa: str = ""
     cpu: str = ""
     runs: int = 0
 
     def speedup(self, kind: str = "integer", batch: int = 32) -> float | None:
-        """FP32 latency / `kind` latency at `batch` (None where either is missing)."""
-        a = self.latency_ms.get("fp32", {}).get(str(batch))
+        """FP32 latency on the same engine / `kind` latency at `batch` (None where either is missing)."""
+        a = self.latency_ms.get(f"{OV}fp32" if kind.startswith(OV) else "fp32", {}).get(str(batch))
         b = self.latency_ms.get(kind, {}).get(str(batch))
         return a / b if a and b else None
 
@@ -141,9 +145,15 @@ class DeploymentRow:
         a, b = self.file_bytes.get(kind), self.file_bytes.get("fp32")
         return a / b if a and b else None
 
+    @classmethod
+    def from_dict(cls, d: dict) -> DeploymentRow:
+        """Inverse of :meth:`to_dict` (the derived ``speedup``/``size_ratio`` are recomputed)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["speedup"] = {k: {str(b): self.speedup(k, b) for b in (1, 32)} for k in self.latency_ms if k != "fp32"}
+        d["speedup"] = {k: {str(b): self.speedup(k, b) for b in (1, 32)} for k in self.latency_ms
+                        if k not in ("fp32", f"{OV}fp32")}
         d["size_ratio"] = {k: self.size_ratio(k) for k in self.file_bytes if k != "fp32"}
         return d
 
@@ -153,21 +163,37 @@ class DeploymentRow:
                  f"{self.isa} ({self.cpu}); median of {self.runs} interleaved runs",
                  "| file | size | resident weights | batch 1 ms | batch 32 ms | x FP32 (1 / 32) |",
                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for k in ("fp32", "qcdq", "integer", *[k for k in self.file_bytes if k.startswith("integer-")], "packed"):
-            if k not in self.file_bytes:
-                continue
-            lat = self.latency_ms.get(k, {})
-            sp = [self.speedup(k, b) for b in (1, 32)] if k in self.latency_ms and k != "fp32" else [None, None]
-            fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
-            lines.append(f"| {k} | {self.file_bytes[k] / 1e6:.2f} MB | {fmt(self.weight_bytes.get(k), '{:.0f}')} B | "
-                         f"{fmt(lat.get('1'), '{:.2f}')} | {fmt(lat.get('32'), '{:.1f}')} | "
-                         f"{fmt(sp[0], '{:.2f}')} / {fmt(sp[1], '{:.2f}')} |")
+        fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+        for label, size, weights, ms1, ms32, sp1, sp32 in self.cells():
+            lines.append(f"| {label} | {size / 1e6:.2f} MB | {fmt(weights, '{:.0f}')} B | {fmt(ms1, '{:.2f}')} | "
+                         f"{fmt(ms32, '{:.1f}')} | {fmt(sp1, '{:.2f}')} / {fmt(sp32, '{:.2f}')} |")
         return "\n".join(lines)
+
+    def cells(self) -> list[tuple]:
+        """(label, file bytes, resident weight bytes, ms at batch 1, ms at 32, x FP32 at 1, at 32) per
+        table row, onnxruntime's then OpenVINO's (None where not measured; resident weights are
+        onnxruntime's figure, so not given for OpenVINO rows)."""
+        files = ["fp32", "qcdq", "integer", *[k for k in self.file_bytes if k.startswith("integer-")], "packed"]
+        rows = [(k, k, k) for k in files if k in self.file_bytes]
+        rows += [(f"{OV}{k}", f"{k} on OpenVINO", k) for k in ("fp32", "qcdq") if f"{OV}{k}" in self.latency_ms]
+        out = []
+        for key, label, file in rows:
+            lat = self.latency_ms.get(key, {})
+            sp = (None, None) if key.endswith("fp32") else (self.speedup(key, 1), self.speedup(key, 32))
+            weights = None if key.startswith(OV) else self.weight_bytes.get(file)
+            out.append((label, self.file_bytes[file], weights, lat.get("1"), lat.get("32"), *sp))
+        return out
+
+
+OV = "openvino-"     # latency keys of the files OpenVINO timed
 
 
 def deployment_row(files: DeploymentFiles, *, subnet: str, bits: int, resolution: int, in_channels: int = 3,
-                   threads: int = 1, runs: int = 10, batches: tuple[int, ...] = (1, 32)) -> DeploymentRow:
-    """Measure the files of one subnet on onnxruntime CPU with `threads` intra-op threads."""
+                   threads: int = 1, runs: int = 10, batches: tuple[int, ...] = (1, 32),
+                   openvino: bool | None = None) -> DeploymentRow:
+    """Measure the files of one subnet on onnxruntime CPU with `threads` intra-op threads, and the
+    FP32 and QCDQ files on OpenVINO CPU too (``openvino``; default: when it is installed), each
+    engine's runs interleaved with its own FP32."""
     import onnxruntime as ort
 
     isa = cpu_isa()
@@ -185,11 +211,19 @@ def deployment_row(files: DeploymentFiles, *, subnet: str, bits: int, resolution
     if files.packed is not None:
         row.file_bytes["packed"] = Path(files.packed).stat().st_size
     runners = {k: (lambda s: (lambda x: s.run(None, {s.get_inputs()[0].name: x})))(s) for k, s in sessions.items()}
+    ov_files = {k: p for k, p in (("fp32", files.fp32), ("qcdq", files.qcdq)) if p is not None}
+    if (ovc.available() if openvino is None else openvino) and len(ov_files) == 2:
+        row.openvino = ovc.version()
+        ov_runners = {f"{OV}{k}": ovc.OpenVINOModel(p, threads) for k, p in ov_files.items()}
+    else:
+        ov_runners = {}
     for b in batches:
-        for k, ms in interleaved_latency(runners, (b, in_channels, resolution, resolution), runs).items():
-            row.latency_ms.setdefault(k, {})[str(b)] = ms
+        for group in (runners, ov_runners):
+            for k, ms in (interleaved_latency(group, (b, in_channels, resolution, resolution), runs) if group
+                          else {}).items():
+                row.latency_ms.setdefault(k, {})[str(b)] = ms
     return row
 
 
-__all__ = ["DeploymentFiles", "DeploymentRow", "ISA_FLAGS", "cpu_isa", "deployment_row", "fp32_reference",
+__all__ = ["OV", "DeploymentFiles", "DeploymentRow", "ISA_FLAGS", "cpu_isa", "deployment_row", "fp32_reference",
            "interleaved_latency", "resident_weight_bytes"]

@@ -13,6 +13,7 @@ Optional dependency: ``pip install oqat[deploy]``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .verify import MAX_TOP1_GAP, torch_forward
-from .verify_int import _count_convs, min_top1_for
+from .verify_int import count_convs, min_top1_for
 
 
 def available() -> bool:
@@ -40,10 +41,22 @@ def _core():
     return ov
 
 
+@functools.cache
+def _shared_core():
+    """One OpenVINO Core per process (its plugins and thread pools are meant to be shared)."""
+    return _core().Core()
+
+
+def version() -> str:
+    """The release, e.g. ``2026.4.1`` (without the build suffix)."""
+    return _core().__version__.split("-")[0]
+
+
 def compile_file(path: str | Path, batch: int, threads: int = 1, precision: str = "f32"):
-    """An OpenVINO CPU compiled model of `path` at a static batch size."""
+    """An OpenVINO CPU compiled model of `path` at a static batch size (static shapes keep the
+    integer kernels; ``threads=0`` lets OpenVINO choose)."""
     ov = _core()
-    core = ov.Core()
+    core = _shared_core()
     try:
         model = core.read_model(str(path))
         dims = list(model.inputs[0].get_partial_shape())[1:]           # (C, r, r) are fixed, batch is not
@@ -53,6 +66,27 @@ def compile_file(path: str | Path, batch: int, threads: int = 1, precision: str 
     except Exception as exc:
         raise ValueError(f"{path}: OpenVINO {ov.__version__} cannot compile it for CPU "
                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+
+
+class OpenVINOModel:
+    """An exported file run by OpenVINO CPU: ``model(batch)`` -> logits, any batch size (one
+    compiled model per size seen, as OpenVINO's integer kernels want static shapes)."""
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        self.path, self.threads = Path(path), int(threads)
+        self._compiled: dict[int, tuple] = {}
+        self.compiled(1)                                              # errors now, not at the first image
+
+    def compiled(self, batch: int):
+        if batch not in self._compiled:
+            c = compile_file(self.path, batch, self.threads)
+            self._compiled[batch] = (c, c.create_infer_request())
+        return self._compiled[batch][0]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self.compiled(batch.shape[0])
+        return np.array(self._compiled[batch.shape[0]][1].infer({0: batch})[0])
 
 
 def conv_precisions(compiled) -> dict[str, int]:
@@ -99,20 +133,18 @@ class OpenVINOReport:
 def verify_openvino(path: str | Path, sub: nn.Module, inputs: torch.Tensor, *, labels: torch.Tensor | None = None,
                     batch_size: int = 32) -> OpenVINOReport:
     """Run `path` in OpenVINO CPU against the PyTorch subnet `sub` (see the module doc)."""
-    compiled = compile_file(path, batch_size)
-    prec = conv_precisions(compiled)
-    q, _ = _count_convs(sub)
+    model = OpenVINOModel(path)
+    prec = conv_precisions(model.compiled(batch_size))
+    q, _ = count_convs(sub)
     n_int = sum(v for k, v in prec.items() if k in ("u8", "i8"))
     rep = OpenVINOReport(str(path), 0, n_int, q, prec)
     if n_int < q:
         rep.failures.append(f"OpenVINO runs {n_int} convolutions in u8/i8 for {q} quantized convs ({prec})")
-    request = compiled.create_infer_request()
     sub.eval()
     for i in range(0, inputs.shape[0], batch_size):
         x = inputs[i:i + batch_size]
         n = x.shape[0]
-        pad = torch.cat([x, x[:1].expand(batch_size - n, *x.shape[1:])]) if n < batch_size else x
-        out = np.asarray(request.infer({0: pad.numpy().astype(np.float32)})[0])[:n]
+        out = model(x.numpy())
         ref, _ = torch_forward(sub, x)
         ref = ref.numpy()
         rep.top1_agree += int((out.argmax(1) == ref.argmax(1)).sum())
@@ -137,9 +169,9 @@ def openvino_latency(paths: dict, batch: int, shape: tuple[int, ...], *, threads
     """Median ms of each file (name -> path) in OpenVINO CPU at `batch`, interleaved rounds."""
     from .deployment import interleaved_latency
 
-    requests = {k: compile_file(p, batch, threads).create_infer_request() for k, p in paths.items()}
-    runners = {k: (lambda r: (lambda x: r.infer({0: x})))(r) for k, r in requests.items()}
+    runners = {k: OpenVINOModel(p, threads) for k, p in paths.items()}
     return interleaved_latency(runners, (batch, *shape), runs)
 
 
-__all__ = ["OpenVINOReport", "openvino_latency", "available", "compile_file", "conv_precisions", "verify_openvino"]
+__all__ = ["OpenVINOModel", "OpenVINOReport", "available", "compile_file", "conv_precisions", "openvino_latency",
+           "verify_openvino", "version"]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import resize_batch
+from . import openvino_check as ovc
 from .meta import Preprocessing
 from .onnx import read_onnx_info
 from .packed import load_packed
@@ -42,38 +43,65 @@ def detect_format(path: str | Path) -> str:
     return "onnx"
 
 
-class ExportedModel:
-    """An exported model ready for inference: ``info`` (its metadata) and ``logits(batch)``."""
+ENGINES = ("auto", "onnxruntime", "openvino")
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+
+def choose_engine(info: dict, engine: str = "auto") -> str:
+    """The engine that runs an ONNX file: ``auto`` takes OpenVINO for a QCDQ file that OpenVINO
+    verified at export (it runs it on integer kernels, onnxruntime in float) when it is installed,
+    onnxruntime otherwise."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine: {engine!r} is not one of {list(ENGINES)}")
+    if engine != "auto":
+        return engine
+    record = info.get("openvino")
+    verified = isinstance(record, dict) and record.get("verified") is True     # metadata is untrusted text
+    return "openvino" if verified and "integer" not in info and ovc.available() else "onnxruntime"
+
+
+class ExportedModel:
+    """An exported model ready for inference: ``info`` (its metadata), ``engine`` (what runs it,
+    with its version) and ``logits(batch)``."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, engine: str = "auto"):
         self.path = Path(path)
         self.format = detect_format(self.path)
-        if self.format == "onnx":
-            self.info = read_onnx_info(self.path)
-            if "integer" in self.info:        # integer kernels: no QDQ folding, see verify_int
-                try:
-                    self._session = int_session(self.path, threads=threads)
-                except ValueError as exc:
-                    raise ValueError(f"{self.path}: {exc}") from None
-            else:
-                try:
-                    self._session = ort_session(self.path, optimize=True, threads=threads)
-                except Exception as exc:
-                    raise ValueError(f"{self.path}: onnxruntime cannot load the model: {exc}") from None
-            self._input = self._session.get_inputs()[0].name
+        if self.format == "oqat":
+            if engine != "auto":
+                choose_engine({}, engine)                               # names a bad value first
+                raise ValueError(f"{self.path}: a packed .oqat model runs on PyTorch; engine {engine!r} "
+                                 f"needs an ONNX file")
+            net = load_packed(self.path)
+            self.info, self.engine = net.export_info, f"PyTorch {torch.__version__}"
+            self._run = lambda x: net(torch.from_numpy(x)).numpy()
         else:
-            self._net = load_packed(self.path)
-            self.info = self._net.export_info
+            self.info = read_onnx_info(self.path)
+            self.engine, self._run = self._onnx_runner(choose_engine(self.info, engine), threads)
         self.preprocessing = Preprocessing.from_dict(self.info["preprocessing"])
         names = self.info.get("class_names")
         self.class_names = list(names) if names else None
 
+    def _onnx_runner(self, engine: str, threads: int | None):
+        if engine == "openvino":
+            return f"OpenVINO {ovc.version()}", ovc.OpenVINOModel(self.path, threads=threads or 0)
+        import onnxruntime
+
+        if "integer" in self.info:        # integer kernels: no QDQ folding, see verify_int
+            try:
+                session = int_session(self.path, threads=threads)
+            except ValueError as exc:
+                raise ValueError(f"{self.path}: {exc}") from None
+        else:
+            try:
+                session = ort_session(self.path, optimize=True, threads=threads)
+            except Exception as exc:
+                raise ValueError(f"{self.path}: onnxruntime cannot load the model: {exc}") from None
+        name = session.get_inputs()[0].name
+        return f"onnxruntime {onnxruntime.__version__}", lambda x: session.run(None, {name: x})[0]
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self.format == "onnx":
-            return self._session.run(None, {self._input: batch})[0]
         with torch.no_grad():
-            return self._net(torch.from_numpy(batch)).numpy()
+            return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def top1(self, batches) -> dict:
         """Top-1 (percent) and image count of this file on (images, labels) batches of
@@ -187,4 +215,4 @@ def format_prediction(p: Prediction) -> str:
     return text
 
 
-__all__ = ["ExportedModel", "Prediction", "detect_format", "load_image", "predict_files", "format_prediction"]
+__all__ = ["ENGINES", "ExportedModel", "choose_engine", "Prediction", "detect_format", "load_image", "predict_files", "format_prediction"]

@@ -108,7 +108,7 @@ def int_session(model: onnx.ModelProto | str | Path, *, threads: int | None = No
                          f"kernels for uint8 x int8 (onnxruntime >= 1.16 on x86-64 or ARM64)") from None
 
 
-def _count_convs(sub: nn.Module) -> tuple[int, int]:
+def count_convs(sub: nn.Module) -> tuple[int, int]:
     """(quantized convs, full-precision convs) of the subnet."""
     q = fp = 0
     for m in sub.modules():
@@ -132,7 +132,7 @@ def check_graph(model: onnx.ModelProto, sub: nn.Module) -> GraphCheck:
     int_convs = sum(c for k, c in ops.items() if k.split(":")[1] in INT_CONV_OPS)
     float_convs = sum(c for k, c in ops.items() if k.split(":")[1] in FLOAT_CONV_OPS and not k.endswith(":Gemm")
                       and not k.endswith(":FusedGemm"))
-    q, fp = _count_convs(sub)
+    q, fp = count_convs(sub)
     return GraphCheck(int_convs, float_convs, q, fp, dict(sorted(ops.items())))
 
 
@@ -210,5 +210,5 @@ def verify_onnx_int(model: onnx.ModelProto | str | Path, sub: nn.Module, inputs:
     return report
 
 
-__all__ = ["DEFAULT_MIN_TOP1_INT", "GraphCheck", "MIN_TOP1_INT", "check_graph", "int_session", "min_top1_for",
+__all__ = ["DEFAULT_MIN_TOP1_INT", "GraphCheck", "MIN_TOP1_INT", "check_graph", "count_convs", "int_session", "min_top1_for",
            "verify_onnx_int", "weight_codes_of"]

@@ -85,6 +85,7 @@ class ExportedFile(_Record):
     test_top1: float | None = None                 # the file's own top-1 on the test images
     test_images: int | None = None
     notes: list[str] = field(default_factory=list)
+    engine: str | None = None                      # what ran the file for test_top1 (as `oqat predict` would)
 
 
 @dataclass

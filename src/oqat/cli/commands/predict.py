@@ -13,6 +13,11 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--top", type=int, default=1, help="also list the top-K classes (default 1)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="what runs an ONNX file: auto (default) takes OpenVINO for a QCDQ file that OpenVINO "
+                        "verified at export, when it is installed (integer kernels; onnxruntime runs that file "
+                        "in float), else onnxruntime")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the engine's choice)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.set_defaults(func=run)
 
@@ -20,7 +25,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from ...export.predict import ExportedModel, format_prediction, predict_files
 
-    model = ExportedModel(args.model)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+    model = ExportedModel(args.model, threads=args.threads, engine=args.engine)
     preds = predict_files(model, args.images, top_k=args.top, batch_size=args.batch_size)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ...export.deployment import DeploymentRow
 from ...space import Arch
 from ...utils.fmt import fmt_s, pct, si
 from ..results import BaselineOutcome, ChosenSubnet, ExportOutcome, ExportRow, SearchOutcome
@@ -206,7 +207,7 @@ class _Report:
             if ex.same_as:
                 continue
             for fmt, f in ex.files.items():
-                rows.append([Link(Path(f.path).name, f.path), fmt, f"{f.size_bytes / 1024:.1f}",
+                rows.append([Link(Path(f.path).name, f.path), fmt, f.engine or "–", f"{f.size_bytes / 1024:.1f}",
                              {True: "passed", False: "FAILED", None: "skipped"}[f.verified],
                              "–" if f.top1_agreement is None else f"{100 * f.top1_agreement:.2f}%",
                              f"{pct(f.holdout_top1_file)} / {pct(f.holdout_top1_torch)}", pct(f.test_top1),
@@ -217,11 +218,13 @@ class _Report:
         self.add("p", f"Exported models. Each file is the subnet as the search measured it (BN re-calibrated on "
                       f"{e.calib_images} held-out images, batch {e.calib_batch}, seed {e.calib_seed}), checked against "
                       f"the PyTorch subnet on held-out images (`oqat export` verification), then scored on its own on "
-                      f"the test images as deployed (onnxruntime for ONNX, the rebuilt model for .oqat) next to the "
-                      f"search's test figure for the same subnet.")
-        self.add("table", headers=["file", "format", "KiB", "verification", "top-1 agreement",
+                      f"the test images as deployed (on the engine `oqat predict` picks: OpenVINO for a QCDQ file it "
+                      f"verified, else onnxruntime; PyTorch for .oqat) next to the search's test figure for the same "
+                      f"subnet.")
+        self.add("table", headers=["file", "format", "engine", "KiB", "verification", "top-1 agreement",
                                    ["held-out top-1", "file / PyTorch"], ["test top-1", "the file"],
-                                   ["test top-1", "search"]], rows=rows, align=["l", "l", "r", "l", "r", "r", "r", "r"])
+                                   ["test top-1", "search"]], rows=rows,
+                 align=["l", "l", "l", "r", "l", "r", "r", "r", "r"])
 
     def deployment(self) -> None:
         rows = [x for x in self.exports.values() if x.deployment and not x.same_as]
@@ -234,18 +237,17 @@ class _Report:
                       f"on {d0['cpu'] or 'this CPU'} (best integer instruction set: {d0['isa']}). FP32 is the same "
                       f"subnet with its quantizers disabled; QCDQ the `onnx` file, integer the `onnx-int` file; "
                       f"x FP32 is FP32's latency over the file's (above 1: faster).")
+        if any(x.deployment.get("openvino") for x in rows):
+            self.add("p", f"The rows *on OpenVINO* time the FP32 and QCDQ files on OpenVINO "
+                          f"{next(x.deployment['openvino'] for x in rows if x.deployment.get('openvino'))} CPU, "
+                          f"same threads, interleaved with each other; their x FP32 is over OpenVINO's own FP32. "
+                          f"OpenVINO runs the QCDQ file's convolutions on integer kernels.")
+        num = lambda v, f: "–" if v is None else f.format(v)  # noqa: E731
         for x in rows:
-            d = x.deployment
-            table = []
-            for kind in ("fp32", "qcdq", "integer", "packed"):
-                if kind not in d["file_bytes"]:
-                    continue
-                lat, sp = d["latency_ms"].get(kind, {}), d.get("speedup", {}).get(kind, {})
-                num = lambda v, f: "–" if v is None else f.format(v)  # noqa: E731
-                table.append([kind, f"{d['file_bytes'][kind] / 1024:.1f}",
-                              num(d["weight_bytes"].get(kind) and d["weight_bytes"][kind] / 1024, "{:.1f}"),
-                              num(lat.get("1"), "{:.2f}"), num(lat.get("32"), "{:.1f}"),
-                              f"{num(sp.get('1'), '{:.2f}')} / {num(sp.get('32'), '{:.2f}')}"])
+            d = DeploymentRow.from_dict(x.deployment)
+            table = [[label, f"{size / 1024:.1f}", num(weights and weights / 1024, "{:.1f}"), num(ms1, "{:.2f}"),
+                      num(ms32, "{:.1f}"), f"{num(sp1, '{:.2f}')} / {num(sp32, '{:.2f}')}"]
+                     for label, size, weights, ms1, ms32, sp1, sp32 in d.cells()]
             self.add("p", f"**{bits_label(x.bits)} {x.budget}** ({arch_summary(self.run.space, x.arch)})")
             self.add("table", headers=["file", "KiB", "resident weights KiB", "batch 1 ms", "batch 32 ms",
                                        "x FP32 (1 / 32)"], rows=table, align=["l", "r", "r", "r", "r", "r"])

@@ -63,12 +63,14 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> ExportO
                                               rep.top1_agreement if rep is not None else None)
                     ctx.echo(f"   WARNING: {exc}")
                     continue
-                scored = ExportedModel(path).top1(test.eval_data)
+                deployed = ExportedModel(path)
+                scored = deployed.top1(test.eval_data)
                 rep = r.report
                 files[fmt] = ExportedFile(ctx.relative(path), r.size, rep.ok, rep.summary(), rep.top1_agreement,
-                                          rep.exported_top1, rep.reference_top1, scored["top1"], scored["n"], r.notes)
+                                          rep.exported_top1, rep.reference_top1, scored["top1"], scored["n"], r.notes,
+                                          deployed.engine)
                 ctx.echo(f"   wrote {ctx.relative(path)} ({r.size / 1024:.1f} KiB), verification passed; the file's "
-                         f"test top-1 {scored['top1']:.2f}% (search: {c.test_top1:.2f}%)")
+                         f"test top-1 {scored['top1']:.2f}% on {deployed.engine} (search: {c.test_top1:.2f}%)")
             row = ExportRow(arch.bits, budget, arch.to_dict(), c.test_top1, files, first_budget=budget)
             if e.latency:
                 row.latency_ms_torch, row.deployment = latency(ctx, sub, arch, files, folder / f"{arch.bits}bit-{budget}",
