@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .report import AgreementFigures
 from .verify import MAX_TOP1_GAP, torch_forward
 from .verify_int import count_convs, min_top1_for
 
@@ -102,7 +103,7 @@ def conv_precisions(compiled) -> dict[str, int]:
 
 
 @dataclass
-class OpenVINOReport:
+class OpenVINOReport(AgreementFigures):
     """Figures of the OpenVINO cross-check; ``failures`` empty when it passed."""
 
     file: str
@@ -115,14 +116,6 @@ class OpenVINOReport:
     reference_correct: int = 0
     exported_correct: int = 0
     failures: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def top1_agreement(self) -> float:
-        return self.top1_agree / self.images if self.images else 1.0
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -5,20 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-MIN_TOP1 = 0.999
-
-
-
-MAX_CODE_SHARE = 0.001
-
-
-
-MAX_CODE_DIFF = 1
-
-
-
-MAX_TOP1_GAP = 0.2    # points of top-1 on labelled images, exported file vs PyTorch subnet
-
+MIN_TOP1 = 0.999       # end-to-end top-1 agreement with the PyTorch subnet
+MAX_CODE_SHARE = 0.001  # share of a tensor's codes that may differ ...
+MAX_CODE_DIFF = 1       # ... by at most this many steps
+MAX_TOP1_GAP = 0.2      # points of top-1 on labelled images, exported file vs PyTorch subnet
 
 
 class VerificationError(ValueError):
@@ -27,7 +17,6 @@ class VerificationError(ValueError):
     def __init__(self, message: str, report: "VerifyReport | None" = None):
         super().__init__(message)
         self.report = report
-
 
 
 @dataclass
@@ -53,25 +42,9 @@ class TensorCheck:
         return self.e2e_differing / self.count if self.count else 0.0
 
 
-
-@dataclass
-class VerifyReport:
-    """Figures of one verification run; ``failures`` is empty when it passed."""
-
-    target: str                      # "onnxruntime" or "packed"
-    images: int
-    inputs: str                      # where the inputs came from
-    max_abs_diff: float = 0.0        # end to end
-    aligned_max_abs_diff: float = 0.0
-    max_abs_logit: float = 0.0
-    top1_agree: int = 0
-    labelled: int = 0                # images with labels (the task-level check)
-    reference_correct: int = 0       # of those, classified correctly by the PyTorch subnet
-    exported_correct: int = 0        # ... and by the exported model
-    tensors: list[TensorCheck] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    thresholds: dict = field(default_factory=dict)
-    graph: dict | None = None        # integer files: node counts of onnxruntime's optimized graph
+class AgreementFigures:
+    """The verdict and top-1 figures of any engine's check, from its counters (``images``,
+    ``top1_agree``, ``labelled``, ``reference_correct``, ``exported_correct``, ``failures``)."""
 
     @property
     def ok(self) -> bool:
@@ -90,6 +63,26 @@ class VerifyReport:
     def exported_top1(self) -> float | None:
         """Top-1 (percent) of the exported model on the labelled images, None without labels."""
         return 100.0 * self.exported_correct / self.labelled if self.labelled else None
+
+
+@dataclass
+class VerifyReport(AgreementFigures):
+    """Figures of one verification run; ``failures`` is empty when it passed."""
+
+    target: str                      # "onnxruntime" or "packed"
+    images: int
+    inputs: str                      # where the inputs came from
+    max_abs_diff: float = 0.0        # end to end
+    aligned_max_abs_diff: float = 0.0
+    max_abs_logit: float = 0.0
+    top1_agree: int = 0
+    labelled: int = 0                # images with labels (the task-level check)
+    reference_correct: int = 0       # of those, classified correctly by the PyTorch subnet
+    exported_correct: int = 0        # ... and by the exported model
+    tensors: list[TensorCheck] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    thresholds: dict = field(default_factory=dict)
+    graph: dict | None = None        # integer files: node counts of onnxruntime's optimized graph
 
     @property
     def codes_compared(self) -> int:
@@ -159,4 +152,4 @@ class VerifyReport:
         return "\n".join(rows)
 
 
-__all__ = ["MAX_CODE_DIFF", "MAX_CODE_SHARE", "MAX_TOP1_GAP", "MIN_TOP1", "TensorCheck", "VerificationError", "VerifyReport"]
+__all__ = ["MAX_CODE_DIFF", "MAX_CODE_SHARE", "MAX_TOP1_GAP", "MIN_TOP1", "AgreementFigures", "TensorCheck", "VerificationError", "VerifyReport"]
