@@ -92,6 +92,34 @@ def test_a_failed_openvino_check_is_a_note_not_an_error(qcdq, tmp_path, monkeypa
     assert ExportedModel(r.path).engine.startswith("onnxruntime")
 
 
+def test_an_engine_that_crashes_in_the_check_costs_no_file(qcdq, tmp_path, monkeypatch):
+    res, sub, x, y = qcdq
+
+    def crashing(*a, **k):
+        raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp")
+
+    monkeypatch.setattr(ovc, "verify_openvino", crashing)
+    r = export_subnet(sub, tmp_path / "c.onnx", "onnx", verification=VerificationData(x, y, "held-out"),
+                      calibration={"recalibrated": True}, progress=False)
+    assert r.path.is_file() and r.report.ok and r.info["openvino"]["verified"] is False
+    assert any(n.startswith("OpenVINO check not run (RuntimeError: Exception from") for n in r.notes)
+    assert ExportedModel(r.path).engine.startswith("onnxruntime")
+
+
+def test_auto_falls_back_to_onnxruntime_when_openvino_cannot_load_the_file(qcdq, monkeypatch):
+    res, sub, x, y = qcdq
+
+    def refuse(path, threads=1):
+        raise ValueError(f"{path}: OpenVINO 9.9 cannot compile it for CPU (injected)")
+
+    monkeypatch.setattr(ovc, "OpenVINOModel", refuse)
+    with pytest.warns(UserWarning, match=r"cannot compile it for CPU \(injected\); running it on onnxruntime"):
+        model = ExportedModel(res.path)
+    assert model.engine.startswith("onnxruntime") and model.logits(x[:2].numpy()).shape[0] == 2
+    with pytest.raises(ValueError, match="injected"):          # asked for by name: no silent substitute
+        ExportedModel(res.path, engine="openvino")
+
+
 def test_bad_engine_choices_are_clear_errors(qcdq, tmp_path, capsys):
     res, sub, x, y = qcdq
     with pytest.raises(ValueError, match="engine: 'tensorrt' is not one of"):

@@ -9,6 +9,7 @@ scale to [0, 1], normalise with ``mean``/``std`` and resize bilinearly to ``reso
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,15 @@ class ExportedModel:
             self._run = lambda x: net(torch.from_numpy(x)).numpy()
         else:
             self.info = read_onnx_info(self.path)
-            self.engine, self._run = self._onnx_runner(choose_engine(self.info, engine), threads)
+            chosen = choose_engine(self.info, engine)
+            try:
+                self.engine, self._run = self._onnx_runner(chosen, threads)
+            except ValueError as exc:
+                if engine != "auto" or chosen != "openvino":
+                    raise
+                # `auto` asked for the best engine at hand, not for OpenVINO: onnxruntime verified the file too
+                warnings.warn(f"{exc}; running it on onnxruntime instead", stacklevel=2)
+                self.engine, self._run = self._onnx_runner("onnxruntime", threads)
         self.preprocessing = Preprocessing.from_dict(self.info["preprocessing"])
         names = self.info.get("class_names")
         self.class_names = list(names) if names else None
