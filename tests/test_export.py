@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import split_tensors, train_subnet
 from onnx import numpy_helper
 
 from oqat import SearchSpace, build_supernet
@@ -493,24 +494,11 @@ def test_trained_subnet_passes_every_criterion(bits, tmp_path):
     from oqat import data as D
 
     data = D.build_data(D.DataConfig.from_dict({**SYNTHETIC, "synthetic_size": 640, "holdout": 128}))
-    x_all = torch.stack([data.train[i][0] for i in range(len(data.train))])
-    y_all = torch.tensor([data.train[i][1] for i in range(len(data.train))])
+    x_all, y_all = split_tensors(data.train)
     torch.manual_seed(0)
     net = build_supernet(SPACE, bits, impl="eager")
     arch = _arch(bits)
-    net.train()
-    with torch.no_grad():
-        net.set_arch(SPACE.largest(bits))
-        net(torch.randn(8, 3, 32, 32))
-    net.set_arch(arch)
-    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        idx = torch.randint(0, len(x_all), (32,), generator=g)
-        loss = torch.nn.functional.cross_entropy(net(D.resize_batch(x_all[idx], 28)), y_all[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_subnet(net, SPACE, arch, x_all, y_all, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9), steps=60)
     sub = net.extract(arch).eval()
     result = export_subnet(sub, tmp_path / "m.onnx", config={"data": {**SYNTHETIC, "synthetic_size": 640,
                                                                       "holdout": 128}}, verify_images=128)

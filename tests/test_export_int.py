@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import split_tensors, train_subnet
 from onnx import numpy_helper
 
 from oqat import SearchSpace, build_supernet
@@ -41,29 +42,15 @@ def _trained(bits: int):
     # unseeded draw made this subnet depend on the tests that ran before (2 bit then diverged).
     torch.manual_seed(bits)
     data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
-    x = torch.stack([data.train[i][0] for i in range(len(data.train))])
-    y = torch.tensor([data.train[i][1] for i in range(len(data.train))])
+    x, y = split_tensors(data.train)
     net = build_supernet(SPACE, bits, impl="eager")
     arch = _arch(bits)
-    net.train()
-    with torch.no_grad():
-        net.set_arch(SPACE.largest(bits))
-        net(torch.randn(8, 3, 32, 32))
-    net.set_arch(arch)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        idx = torch.randint(0, len(x), (32,), generator=g)
-        loss = torch.nn.functional.cross_entropy(net(D.resize_batch(x[idx], 24)), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_subnet(net, SPACE, arch, x, y, lambda p: torch.optim.Adam(p, lr=3e-3), steps=80)
     sub = net.extract(arch).eval()
     from oqat.measure import recalibrate_bn
 
     recalibrate_bn(sub, [D.resize_batch(x[i:i + 64], 24) for i in range(0, 192, 64)])
-    hx = torch.stack([data.holdout[i][0] for i in range(len(data.holdout))])
-    hy = torch.tensor([data.holdout[i][1] for i in range(len(data.holdout))])
+    hx, hy = split_tensors(data.holdout)
     return sub, D.resize_batch(hx, 24), hy
 
 

@@ -63,8 +63,7 @@ def test_auto_engine_keeps_onnxruntime_without_a_passed_openvino_check(qcdq, tmp
     assert "openvino" not in plain.info and ExportedModel(plain.path).engine.startswith("onnxruntime")
     failed = onnx.load(str(res.path))
     info = {**read_onnx_info(res.path), "openvino": {"verified": False}}
-    del failed.metadata_props[:]
-    helper.set_model_props(failed, to_string_map(info))
+    helper.set_model_props(failed, to_string_map(info))       # replaces the file's metadata
     onnx.save_model(failed, str(tmp_path / "failed.onnx"))
     assert ExportedModel(tmp_path / "failed.onnx").engine.startswith("onnxruntime")
     # an explicit choice is the user's: OpenVINO runs the file anyway

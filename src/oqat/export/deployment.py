@@ -211,16 +211,14 @@ def deployment_row(files: DeploymentFiles, *, subnet: str, bits: int, resolution
     if files.packed is not None:
         row.file_bytes["packed"] = Path(files.packed).stat().st_size
     runners = {k: (lambda s: (lambda x: s.run(None, {s.get_inputs()[0].name: x})))(s) for k, s in sessions.items()}
-    ov_files = {k: p for k, p in (("fp32", files.fp32), ("qcdq", files.qcdq)) if p is not None}
-    if (ovc.available() if openvino is None else openvino) and len(ov_files) == 2:
+    groups = [runners]                      # each engine's files interleaved with its own FP32
+    if (ovc.available() if openvino is None else openvino) and None not in (files.fp32, files.qcdq):
         row.openvino = ovc.version()
-        ov_runners = {f"{OV}{k}": ovc.OpenVINOModel(p, threads) for k, p in ov_files.items()}
-    else:
-        ov_runners = {}
+        groups.append({f"{OV}{k}": ovc.OpenVINOModel(p, threads) for k, p in (("fp32", files.fp32),
+                                                                               ("qcdq", files.qcdq))})
     for b in batches:
-        for group in (runners, ov_runners):
-            for k, ms in (interleaved_latency(group, (b, in_channels, resolution, resolution), runs) if group
-                          else {}).items():
+        for group in groups:
+            for k, ms in interleaved_latency(group, (b, in_channels, resolution, resolution), runs).items():
                 row.latency_ms.setdefault(k, {})[str(b)] = ms
     return row
 

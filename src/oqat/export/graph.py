@@ -77,11 +77,11 @@ class GraphBuilder:
     def classifier(self, linear: nn.Linear, x: str) -> str:
         """The float classifier on the pooled features; its output is the graph's ``logits``."""
         x = self.op("Flatten", [x], "flatten", axis=1)
+        out = self._new(OUTPUT_NAME)
         self.nodes.append(helper.make_node(
             "Gemm", [x, self.fp_weight("classifier.weight", linear.weight),
-                     self.param("classifier.bias", linear.bias)], [self._new(OUTPUT_NAME)], name="classifier",
-            transB=1))
-        return OUTPUT_NAME
+                     self.param("classifier.bias", linear.bias)], [out], name="classifier", transB=1))
+        return out
 
     def model(self, sub, *, name: str, doc: str, opset: int, props: dict | None = None,
               extra_outputs: tuple = ()) -> onnx.ModelProto:
