@@ -15,6 +15,7 @@ from torch import nn
 
 from ..quant import LSQQuantizer, activation, apply_activation_
 from ..space import make_divisible
+from .batchnorm import batch_norm
 from .depthwise import depthwise_conv2d
 
 
@@ -49,20 +50,18 @@ class SlicedBatchNorm2d(nn.BatchNorm2d):
     updated in place, so every subnet trains and re-calibrates the shared statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """nn.BatchNorm2d's forward on the slice (the same momentum and running-statistics rules),
+        through :func:`oqat.nn.batchnorm.batch_norm` (native CPU kernels where they apply)."""
+        self._check_input_dim(x)
         c = x.size(1)
-        if c == self.num_features:
-            return super().forward(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or self.running_mean is None
-        return F.batch_norm(
-            x,
-            self.running_mean[:c] if self.running_mean is not None else None,
-            self.running_var[:c] if self.running_var is not None else None,
-            self.weight[:c], self.bias[:c], use_batch_stats, factor, self.eps,
-        )
+        mean, var, weight, bias = (None if t is None else _leading(t, c)
+                                   for t in (self.running_mean, self.running_var, self.weight, self.bias))
+        return batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, self.eps)
 
     def extract(self, channels: int) -> nn.BatchNorm2d:
         bn = SlicedBatchNorm2d(channels, eps=self.eps, momentum=self.momentum)
