@@ -35,7 +35,7 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1099511627776"
 
 
 def _workload(name: str):
-    """(a function running one step, the number of subnets it trains) for workload `name`."""
+    """A function that runs one training step of workload `name` (its model and data built once)."""
     import random
 
     import torch

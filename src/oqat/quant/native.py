@@ -314,7 +314,6 @@ class NativeKernels:
                           torch.get_num_threads())
         return gx, total
 
-
     def batch_norm_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-mode batch norm of a contiguous (N, C, H, W) `x` with batch statistics:
