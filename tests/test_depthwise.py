@@ -46,3 +46,31 @@ def test_non_contiguous_input_is_accepted():
     torch.testing.assert_close(out, F.conv2d(x, w, None, 1, 1, 1, 4))
     out.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("n,channels,h,w,k,stride", [
+    (32, 8, 14, 14, 5, 1),    # one full block of lanes
+    (3, 5, 9, 11, 5, 2),      # lanes left empty, a non-square map
+    (40, 6, 7, 7, 7, 1),      # two blocks, the second one partial
+    (33, 40, 14, 14, 5, 2),   # large enough for the parallel path
+    (2, 3, 6, 5, 7, 3),       # taps that miss the map entirely at the edges
+    (1, 2, 2, 2, 5, 1),       # a map smaller than the kernel
+])
+def test_native_weight_gradient_matches_pytorch(n, channels, h, w, k, stride):
+    """The float32 route: the native kernel's weight gradient against PyTorch's in float64."""
+    from oqat.quant import native
+
+    kernels = native.library()
+    if kernels is None:
+        pytest.skip("no native kernels on this machine")
+    torch.manual_seed(n + h + k)
+    x = torch.randn(n, channels, h, w)
+    weight = torch.randn(channels, 1, k, k, requires_grad=True)
+    y = depthwise_conv2d(x, weight, stride, k // 2)
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, weight, grad)
+    ref = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.detach().double(), None, [stride] * 2,
+                                              [k // 2] * 2, [1, 1], False, [0, 0], channels, [False, True, False])[1]
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(kernels.depthwise_grad_weight(x, grad.contiguous(), k, stride, k // 2), got,
+                               rtol=0, atol=0)  # the route taken is the native one

@@ -4,20 +4,26 @@ PyTorch's CPU ``convolution_backward`` for depthwise (groups == channels) convol
 5-20x slower than the forward pass when it computes both gradients in one call, and its weight
 gradient alone is slow for 5x5 kernels (benchmarks/RESULTS.md, "Depthwise backward"). Depthwise
 convolutions are most of a MobileNet's backward time, so on the CPU this module computes the two
-gradients in separate calls and takes the 5x5 weight gradient by the fastest exact route measured:
+gradients in separate calls and takes the weight gradient of 5x5 and larger kernels by the fastest
+route measured:
 
-* on small feature maps, as a convolution that treats each (channel, image) pair as a channel and
-  the output gradient as its kernel (the MACs of the forward pass, run by the fast forward path);
-* on large ones, in channels-last memory format.
+* for float32, from the native kernel of :mod:`oqat.quant.native` (images as vector lanes; 2-5x
+  faster than the routes below on the quickstart's shapes, RESULTS.md "Per-step speed");
+* otherwise (float64, or where no C compiler works), on small feature maps as a convolution that
+  treats each (channel, image) pair as a channel and the output gradient as its kernel (the MACs
+  of the forward pass, run by the fast forward path), and on large ones in channels-last format.
 
-The results equal PyTorch's own gradients up to float rounding (tests/test_depthwise.py). On other
-devices the plain ``F.conv2d`` is used.
+3x3 weight gradients stay with PyTorch's kernel, which is faster there. The results equal
+PyTorch's own gradients up to float rounding (tests/test_depthwise.py). On other devices the
+plain ``F.conv2d`` is used.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..quant import native
 
 _SMALL_MAP = 16   # input side at or below which the "batch as channels" weight gradient is fastest
 
@@ -34,6 +40,10 @@ def _grad_weight(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stri
     channels, _, k, _ = weight.shape
     if k <= 3:
         return _conv_backward(grad, x, weight, stride, padding, 1)
+    square = weight.size(3) == k
+    kernels = native.library() if square and native.supports(x) and grad.dtype == x.dtype else None
+    if kernels is not None:
+        return kernels.depthwise_grad_weight(x, grad, k, stride, padding)
     if x.size(-1) <= _SMALL_MAP and x.size(-2) <= _SMALL_MAP:
         n = x.size(0)
         xp = F.pad(x, (padding,) * 4)

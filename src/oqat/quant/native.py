@@ -1,5 +1,5 @@
-"""Native CPU kernels for ``lsq_quantize`` and for training-mode batch norm (float32), built once
-with the system C compiler.
+"""Native CPU kernels for ``lsq_quantize``, training-mode batch norm and the depthwise weight
+gradient (float32), built once with the system C compiler.
 
 Why: a ``torch.compile``'d function costs about 20 us per call in guards and wrappers, and a
 supernet step makes two calls per quantizer (hundreds per step), which is as much time as the
@@ -15,6 +15,11 @@ The batch-norm pair (used by :mod:`oqat.nn.batchnorm`) exists because PyTorch's 
 supernets (11 ms for a 64x64x28x28 batch, against 3.7 ms here); it works one channel at a time,
 so the variance and normalisation passes read the channel from cache. It equals PyTorch's
 batch norm to float rounding (checked on start-up, rtol 1e-4), not bit for bit.
+
+The depthwise weight gradient (used by :mod:`oqat.nn.depthwise` for 5x5 and 7x7 kernels) exists
+because PyTorch's CPU routes for it ran 2-5x slower on the quickstart's maps; it makes a block of
+32 images the vector lanes (see the C comment), equal to PyTorch's to float rounding (checked on
+start-up, rtol 1e-4).
 
 The shared library is cached under ``$OQAT_KERNEL_CACHE`` (default ``~/.cache/oqat/kernels``,
 or a folder in the temp directory when that cannot be made), a folder that must be this user's
@@ -49,6 +54,7 @@ from .kernels import eager_backward, eager_forward  # the definition the kernels
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* code: 0 identity, 1 ReLU, 2 h_swish; the same formulas as oqat.quant's eager kernels */
 static inline float act_value(float z, int code) {
@@ -178,6 +184,72 @@ void oqat_bn_backward(const float* g, const float* x, float* gx, int64_t N, int6
         gw[c] = (float)(d * is); gb[c] = (float)s;
     }
 }
+
+/* Weight gradient of a depthwise convolution, NCHW float32, square kernel k, stride s, padding p:
+   gw[c][ki][kj] = sum over n, oh, ow of g[n][c][oh][ow] * x[n][c][s*oh + ki - p][s*ow + kj - p].
+   Per channel, blocks of DW_LANES images are transposed to (position, image) order, in tiles so
+   the writes stay in cache (missing images are zeros): the images are then the vector lanes and
+   each kernel tap is a run of whole-vector multiply-adds over the output positions it touches,
+   with one horizontal sum per tap and block, accumulated in double. */
+#define DW_LANES 32
+#define DW_TILE 16
+void oqat_dw_grad_weight(const float* x, const float* g, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
+                         int64_t OH, int64_t OW, int64_t k, int64_t s, int64_t p, int nthreads) {
+    const int64_t HW = H * W, OHW = OH * OW;
+    _Pragma("omp parallel num_threads(nthreads) if(N * C * HW >= PARALLEL_MIN)")
+    {
+        float* xt = (float*)malloc(sizeof(float) * (size_t)((HW + OHW) * DW_LANES));
+        double* acc = (double*)malloc(sizeof(double) * (size_t)(k * k));
+        float* gt = xt + HW * DW_LANES;
+        _Pragma("omp for schedule(static)")
+        for (int64_t c = 0; c < C; ++c) {
+            for (int64_t t = 0; t < k * k; ++t) acc[t] = 0.0;
+            for (int64_t n0 = 0; n0 < N; n0 += DW_LANES) {
+                const int64_t real = N - n0 < DW_LANES ? N - n0 : DW_LANES;
+                for (int64_t i0 = 0; i0 < HW; i0 += DW_TILE) {
+                    const int64_t i1 = i0 + DW_TILE < HW ? i0 + DW_TILE : HW;
+                    for (int64_t n = 0; n < DW_LANES; ++n) {
+                        const float* src = x + ((n0 + n) * C + c) * HW;
+                        for (int64_t i = i0; i < i1; ++i) xt[i * DW_LANES + n] = n < real ? src[i] : 0.0f;
+                    }
+                }
+                for (int64_t i0 = 0; i0 < OHW; i0 += DW_TILE) {
+                    const int64_t i1 = i0 + DW_TILE < OHW ? i0 + DW_TILE : OHW;
+                    for (int64_t n = 0; n < DW_LANES; ++n) {
+                        const float* src = g + ((n0 + n) * C + c) * OHW;
+                        for (int64_t i = i0; i < i1; ++i) gt[i * DW_LANES + n] = n < real ? src[i] : 0.0f;
+                    }
+                }
+                for (int64_t ki = 0; ki < k; ++ki) {
+                    if (H - 1 + p - ki < 0) continue;
+                    const int64_t oh0 = ki >= p ? 0 : (p - ki + s - 1) / s;
+                    const int64_t oh1 = (H - 1 + p - ki) / s < OH - 1 ? (H - 1 + p - ki) / s : OH - 1;
+                    for (int64_t kj = 0; kj < k; ++kj) {
+                        if (W - 1 + p - kj < 0) continue;
+                        const int64_t ow0 = kj >= p ? 0 : (p - kj + s - 1) / s;
+                        const int64_t ow1 = (W - 1 + p - kj) / s < OW - 1 ? (W - 1 + p - kj) / s : OW - 1;
+                        float v[DW_LANES] = {0};
+                        for (int64_t oh = oh0; oh <= oh1; ++oh) {
+                            const int64_t ih = s * oh + ki - p;
+                            for (int64_t ow = ow0; ow <= ow1; ++ow) {
+                                const float* xr = xt + (ih * W + s * ow + kj - p) * DW_LANES;
+                                const float* gr = gt + (oh * OW + ow) * DW_LANES;
+                                _Pragma("omp simd")
+                                for (int64_t n = 0; n < DW_LANES; ++n) v[n] += gr[n] * xr[n];
+                            }
+                        }
+                        double t = 0.0;
+                        for (int64_t n = 0; n < DW_LANES; ++n) t += v[n];
+                        acc[ki * k + kj] += t;
+                    }
+                }
+            }
+            for (int64_t t = 0; t < k * k; ++t) gw[c * k * k + t] = (float)acc[t];
+        }
+        free(acc);
+        free(xt);
+    }
+}
 """
 
 # -fno-trapping-math lets the compiler compute both arms of a select, which the backward's
@@ -299,8 +371,11 @@ class NativeKernels:
         lib.oqat_bn_forward.restype = None
         lib.oqat_bn_backward.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, p, i32]
         lib.oqat_bn_backward.restype = None
+        lib.oqat_dw_grad_weight.argtypes = [p, p, p] + [i64] * 9 + [i32]
+        lib.oqat_dw_grad_weight.restype = None
         self._fwd, self._bwd, self.path = lib.oqat_lsq_forward, lib.oqat_lsq_backward, path
         self._bn_fwd, self._bn_bwd = lib.oqat_bn_forward, lib.oqat_bn_backward
+        self._dw_grad_weight = lib.oqat_dw_grad_weight
 
     def forward(self, x: torch.Tensor, s: float, qn: float, qp: float, code: int) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -336,6 +411,16 @@ class NativeKernels:
                      torch.get_num_threads())
         return gx, grads
 
+    def depthwise_grad_weight(self, x: torch.Tensor, grad: torch.Tensor, kernel: int, stride: int,
+                              padding: int) -> torch.Tensor:
+        """The (C, 1, k, k) weight gradient of a depthwise convolution of contiguous (N, C, H, W)
+        `x` with output gradient `grad` (contiguous, N, C, OH, OW)."""
+        n, c, h, w = x.shape
+        gw = torch.empty(c, 1, kernel, kernel, dtype=x.dtype)
+        self._dw_grad_weight(x.data_ptr(), grad.data_ptr(), gw.data_ptr(), n, c, h, w, grad.size(2), grad.size(3),
+                             kernel, stride, padding, torch.get_num_threads())
+        return gw
+
 
 def supports(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32
@@ -368,6 +453,14 @@ def _self_test(k: NativeKernels) -> None:
         if not all(torch.allclose(a, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
                    for a, r in zip((y, gx, grads[0], grads[1]), ref)):
             raise RuntimeError(f"native batch-norm kernels disagree with PyTorch's (shape {shape})")
+    for n, c, side, ks, stride in ((3, 4, 9, 5, 1), (33, 40, 14, 5, 2), (2, 3, 6, 7, 3)):  # lanes, threads, edges
+        x, w = torch.randn(n, c, side, side, generator=g), torch.randn(c, 1, ks, ks, generator=g)
+        up = torch.randn_like(torch.nn.functional.conv2d(x, w, None, stride, ks // 2, 1, c))
+        ref = torch.ops.aten.convolution_backward(up, x, w, None, [stride] * 2, [ks // 2] * 2, [1, 1], False, [0, 0],
+                                                  c, [False, True, False])[1]
+        if not torch.allclose(k.depthwise_grad_weight(x, up, ks, stride, ks // 2), ref, rtol=1e-4,
+                              atol=1e-4 * float(ref.abs().max())):
+            raise RuntimeError(f"native depthwise weight gradient disagrees with PyTorch's ({n}x{c}x{side}, k {ks})")
 
 
 @functools.cache
