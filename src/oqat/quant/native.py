@@ -185,14 +185,35 @@ void oqat_bn_backward(const float* g, const float* x, float* gx, int64_t N, int6
     }
 }
 
-/* Weight gradient of a depthwise convolution, NCHW float32, square kernel k, stride s, padding p:
-   gw[c][ki][kj] = sum over n, oh, ow of g[n][c][oh][ow] * x[n][c][s*oh + ki - p][s*ow + kj - p].
-   Per channel, blocks of DW_LANES images are transposed to (position, image) order, in tiles so
-   the writes stay in cache (missing images are zeros): the images are then the vector lanes and
-   each kernel tap is a run of whole-vector multiply-adds over the output positions it touches,
-   with one horizontal sum per tap and block, accumulated in double. */
+/* Depthwise convolution weight gradient, NCHW float32, square kernel k, stride s, padding p. Per
+   channel, blocks of DW_LANES images are transposed to (position, image) order, in tiles so the
+   writes stay in cache (missing images are zeros): the images are then the vector lanes and each
+   kernel tap is a run of whole-vector multiply-adds over the output positions it touches. */
 #define DW_LANES 32
 #define DW_TILE 16
+
+/* plane c of images n0 .. n0+real-1 of t (N, C, len) into lanes[len][DW_LANES] */
+static void dw_to_lanes(const float* t, float* lanes, int64_t n0, int64_t real, int64_t C, int64_t c, int64_t len) {
+    for (int64_t i0 = 0; i0 < len; i0 += DW_TILE) {
+        const int64_t i1 = i0 + DW_TILE < len ? i0 + DW_TILE : len;
+        for (int64_t n = 0; n < DW_LANES; ++n) {
+            const float* src = t + ((n0 + n) * C + c) * len;
+            for (int64_t i = i0; i < i1; ++i) lanes[i * DW_LANES + n] = n < real ? src[i] : 0.0f;
+        }
+    }
+}
+
+/* the output rows (or columns) [*lo, *hi] that tap offset `kt` maps inside an input side of `in`;
+   false when it maps none */
+static inline int dw_range(int64_t kt, int64_t in, int64_t out, int64_t s, int64_t p, int64_t* lo, int64_t* hi) {
+    if (in - 1 + p - kt < 0) return 0;
+    *lo = kt >= p ? 0 : (p - kt + s - 1) / s;
+    *hi = (in - 1 + p - kt) / s < out - 1 ? (in - 1 + p - kt) / s : out - 1;
+    return *lo <= *hi;
+}
+
+/* gw[c][ki][kj] = sum over n, oh, ow of g[n][c][oh][ow] * x[n][c][s*oh + ki - p][s*ow + kj - p]:
+   one horizontal sum per tap and block of images, accumulated in double */
 void oqat_dw_grad_weight(const float* x, const float* g, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
                          int64_t OH, int64_t OW, int64_t k, int64_t s, int64_t p, int nthreads) {
     const int64_t HW = H * W, OHW = OH * OW;
@@ -206,28 +227,13 @@ void oqat_dw_grad_weight(const float* x, const float* g, float* gw, int64_t N, i
             for (int64_t t = 0; t < k * k; ++t) acc[t] = 0.0;
             for (int64_t n0 = 0; n0 < N; n0 += DW_LANES) {
                 const int64_t real = N - n0 < DW_LANES ? N - n0 : DW_LANES;
-                for (int64_t i0 = 0; i0 < HW; i0 += DW_TILE) {
-                    const int64_t i1 = i0 + DW_TILE < HW ? i0 + DW_TILE : HW;
-                    for (int64_t n = 0; n < DW_LANES; ++n) {
-                        const float* src = x + ((n0 + n) * C + c) * HW;
-                        for (int64_t i = i0; i < i1; ++i) xt[i * DW_LANES + n] = n < real ? src[i] : 0.0f;
-                    }
-                }
-                for (int64_t i0 = 0; i0 < OHW; i0 += DW_TILE) {
-                    const int64_t i1 = i0 + DW_TILE < OHW ? i0 + DW_TILE : OHW;
-                    for (int64_t n = 0; n < DW_LANES; ++n) {
-                        const float* src = g + ((n0 + n) * C + c) * OHW;
-                        for (int64_t i = i0; i < i1; ++i) gt[i * DW_LANES + n] = n < real ? src[i] : 0.0f;
-                    }
-                }
+                dw_to_lanes(x, xt, n0, real, C, c, HW);
+                dw_to_lanes(g, gt, n0, real, C, c, OHW);
+                int64_t oh0, oh1, ow0, ow1;
                 for (int64_t ki = 0; ki < k; ++ki) {
-                    if (H - 1 + p - ki < 0) continue;
-                    const int64_t oh0 = ki >= p ? 0 : (p - ki + s - 1) / s;
-                    const int64_t oh1 = (H - 1 + p - ki) / s < OH - 1 ? (H - 1 + p - ki) / s : OH - 1;
+                    if (!dw_range(ki, H, OH, s, p, &oh0, &oh1)) continue;
                     for (int64_t kj = 0; kj < k; ++kj) {
-                        if (W - 1 + p - kj < 0) continue;
-                        const int64_t ow0 = kj >= p ? 0 : (p - kj + s - 1) / s;
-                        const int64_t ow1 = (W - 1 + p - kj) / s < OW - 1 ? (W - 1 + p - kj) / s : OW - 1;
+                        if (!dw_range(kj, W, OW, s, p, &ow0, &ow1)) continue;
                         float v[DW_LANES] = {0};
                         for (int64_t oh = oh0; oh <= oh1; ++oh) {
                             const int64_t ih = s * oh + ki - p;
