@@ -89,3 +89,14 @@ def test_fallback_computes_the_same_values(fresh, monkeypatch):
     out = lsq_quantize(x, step, 3, True)
     ref = lsq_reference(x, step, 3, True)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_self_test_leaves_the_global_random_state_alone():
+    """The kernels are built and self-tested on first use, in the middle of a run: drawing from the
+    global generator there would make a resumed run differ from an uninterrupted one."""
+    kernels = native.library()
+    if kernels is None:
+        pytest.skip("no native kernels on this machine")
+    state = torch.get_rng_state()
+    native._self_test(kernels)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -213,17 +213,21 @@ static inline int dw_range(int64_t kt, int64_t in, int64_t out, int64_t s, int64
 }
 
 /* gw[c][ki][kj] = sum over n, oh, ow of g[n][c][oh][ow] * x[n][c][s*oh + ki - p][s*ow + kj - p]:
-   one horizontal sum per tap and block of images, accumulated in double */
-void oqat_dw_grad_weight(const float* x, const float* g, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
+   one horizontal sum per tap and block of images, accumulated in double. Returns the number of
+   threads that could not allocate their buffers (their channels are then left unwritten). */
+int oqat_dw_grad_weight(const float* x, const float* g, float* gw, int64_t N, int64_t C, int64_t H, int64_t W,
                          int64_t OH, int64_t OW, int64_t k, int64_t s, int64_t p, int nthreads) {
     const int64_t HW = H * W, OHW = OH * OW;
-    _Pragma("omp parallel num_threads(nthreads) if(N * C * HW >= PARALLEL_MIN)")
+    int failed = 0;
+    _Pragma("omp parallel num_threads(nthreads) if(N * C * HW >= PARALLEL_MIN) reduction(+:failed)")
     {
         float* xt = (float*)malloc(sizeof(float) * (size_t)((HW + OHW) * DW_LANES));
         double* acc = (double*)malloc(sizeof(double) * (size_t)(k * k));
         float* gt = xt + HW * DW_LANES;
+        failed += !xt || !acc;
         _Pragma("omp for schedule(static)")
         for (int64_t c = 0; c < C; ++c) {
+            if (!xt || !acc) continue;
             for (int64_t t = 0; t < k * k; ++t) acc[t] = 0.0;
             for (int64_t n0 = 0; n0 < N; n0 += DW_LANES) {
                 const int64_t real = N - n0 < DW_LANES ? N - n0 : DW_LANES;
@@ -255,6 +259,7 @@ void oqat_dw_grad_weight(const float* x, const float* g, float* gw, int64_t N, i
         free(acc);
         free(xt);
     }
+    return failed;
 }
 """
 
@@ -378,7 +383,7 @@ class NativeKernels:
         lib.oqat_bn_backward.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, p, i32]
         lib.oqat_bn_backward.restype = None
         lib.oqat_dw_grad_weight.argtypes = [p, p, p] + [i64] * 9 + [i32]
-        lib.oqat_dw_grad_weight.restype = None
+        lib.oqat_dw_grad_weight.restype = ctypes.c_int
         self._fwd, self._bwd, self.path = lib.oqat_lsq_forward, lib.oqat_lsq_backward, path
         self._bn_fwd, self._bn_bwd = lib.oqat_bn_forward, lib.oqat_bn_backward
         self._dw_grad_weight = lib.oqat_dw_grad_weight
@@ -423,8 +428,9 @@ class NativeKernels:
         `x` with output gradient `grad` (contiguous, N, C, OH, OW)."""
         n, c, h, w = x.shape
         gw = torch.empty(c, 1, kernel, kernel, dtype=x.dtype)
-        self._dw_grad_weight(x.data_ptr(), grad.data_ptr(), gw.data_ptr(), n, c, h, w, grad.size(2), grad.size(3),
-                             kernel, stride, padding, torch.get_num_threads())
+        if self._dw_grad_weight(x.data_ptr(), grad.data_ptr(), gw.data_ptr(), n, c, h, w, grad.size(2),
+                                grad.size(3), kernel, stride, padding, torch.get_num_threads()):
+            raise MemoryError(f"native depthwise weight gradient: no memory for its buffers ({n}x{c}x{h}x{w})")
         return gw
 
 
@@ -461,7 +467,8 @@ def _self_test(k: NativeKernels) -> None:
             raise RuntimeError(f"native batch-norm kernels disagree with PyTorch's (shape {shape})")
     for n, c, side, ks, stride in ((3, 4, 9, 5, 1), (33, 40, 14, 5, 2), (2, 3, 6, 7, 3)):  # lanes, threads, edges
         x, w = torch.randn(n, c, side, side, generator=g), torch.randn(c, 1, ks, ks, generator=g)
-        up = torch.randn_like(torch.nn.functional.conv2d(x, w, None, stride, ks // 2, 1, c))
+        out = (side + 2 * (ks // 2) - ks) // stride + 1
+        up = torch.randn(n, c, out, out, generator=g)  # this generator: the global one is the user's
         ref = torch.ops.aten.convolution_backward(up, x, w, None, [stride] * 2, [ks // 2] * 2, [1, 1], False, [0, 0],
                                                   c, [False, True, False])[1]
         if not torch.allclose(k.depthwise_grad_weight(x, up, ks, stride, ks // 2), ref, rtol=1e-4,
