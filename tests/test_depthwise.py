@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oqat.nn.depthwise import _SMALL_MAP, depthwise_conv2d
+from oqat.nn.depthwise import _SMALL_MAP, _conv_backward, depthwise_conv2d
+from oqat.quant import native
 
 
 @pytest.mark.parametrize("side,k,stride", [
@@ -58,8 +59,6 @@ def test_non_contiguous_input_is_accepted():
 ])
 def test_native_weight_gradient_matches_pytorch(n, channels, h, w, k, stride):
     """The float32 route: the native kernel's weight gradient against PyTorch's in float64."""
-    from oqat.quant import native
-
     kernels = native.library()
     if kernels is None:
         pytest.skip("no native kernels on this machine")
@@ -69,8 +68,7 @@ def test_native_weight_gradient_matches_pytorch(n, channels, h, w, k, stride):
     y = depthwise_conv2d(x, weight, stride, k // 2)
     grad = torch.randn_like(y)
     (got,) = torch.autograd.grad(y, weight, grad)
-    ref = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.detach().double(), None, [stride] * 2,
-                                              [k // 2] * 2, [1, 1], False, [0, 0], channels, [False, True, False])[1]
+    ref = _conv_backward(grad.double(), x.double(), weight.detach().double(), stride, k // 2, 1)  # PyTorch's kernel
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(kernels.depthwise_grad_weight(x, grad.contiguous(), k, stride, k // 2), got,
                                rtol=0, atol=0)  # the route taken is the native one
