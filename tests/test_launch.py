@@ -12,7 +12,14 @@ import torch
 import yaml
 
 from oqat.models import load_checkpoint
-from oqat.training.launch import choose_procs, process_batch, usable_cores
+from oqat.training.launch import (
+    ERRORS_ENV,
+    _other_ranks_errors,
+    choose_procs,
+    process_batch,
+    report_error,
+    usable_cores,
+)
 
 CFG = {"space": "mbv3-tiny", "bits": 4, "data": {"name": "synthetic", "image_size": 32, "holdout": 32,
                                                 "synthetic_size": 160},
@@ -71,3 +78,20 @@ def test_a_failing_rank_fails_the_run(tmp_path):
     cfg.write_text(yaml.safe_dump({**CFG, "train": {**CFG["train"], "batch_size": 15}}))
     proc = _oqat("train", cfg, "--out", tmp_path / "t", "--procs", "2", "--no-progress")
     assert proc.returncode == 2 and "does not split evenly over 2 processes" in proc.stderr
+    assert proc.stderr.count("does not split evenly") == 1, proc.stderr   # both ranks failed, one line said it
+
+
+def test_each_distinct_error_line_is_printed_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ERRORS_ENV, str(tmp_path))
+    for rank, line in enumerate(["oqat run: error: bad input", "oqat run: error: bad input",
+                                 "oqat run: error: rank 2's own trouble", "oqat run: error: rank 2's own trouble"]):
+        monkeypatch.setenv("RANK", str(rank))
+        report_error(line)
+    assert capsys.readouterr().err == "oqat run: error: bad input\n"    # rank 0 alone prints as it fails
+    assert _other_ranks_errors(tmp_path, 4) == ["oqat run: error: rank 2's own trouble (process 3 of 4)"]
+    (tmp_path / "rank0.txt").unlink()         # rank 0 stopped before it could say anything
+    assert _other_ranks_errors(tmp_path, 2) == ["oqat run: error: bad input (process 2 of 2)"]
+    monkeypatch.delenv(ERRORS_ENV)
+    monkeypatch.setenv("RANK", "1")           # a rank of torchrun: every rank says its own line
+    report_error("oqat train: error: x")
+    assert capsys.readouterr().err == "oqat train: error: x\n"

@@ -10,6 +10,7 @@ import os
 import pkgutil
 import sys
 
+from ..training.launch import report_error
 from ..utils.devices import threads
 from ..utils.version import __version__
 from . import commands
@@ -55,18 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         with threads(getattr(args, "threads", None), "--threads"):  # the verbs that take --threads
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{where}: interrupted", file=sys.stderr)
+        report_error(f"{where}: interrupted")
         return 130
     except (ValueError, OSError) as exc:  # bad input, paths, permissions, full disks: one line, status 2
         if args.debug:
             raise
-        print(f"{where}: error: {one_line(exc)}", file=sys.stderr)
+        report_error(f"{where}: error: {one_line(exc)}")
         return 2
     except Exception as exc:  # a bug: say so in one line; --debug shows the traceback
         if args.debug:
             raise
-        print(f"{where}: unexpected error (a bug in oqat?): {type(exc).__name__}: {one_line(exc)}; "
-              f"rerun with --debug for the traceback", file=sys.stderr)
+        report_error(f"{where}: unexpected error (a bug in oqat?): {type(exc).__name__}: {one_line(exc)}; "
+                     f"rerun with --debug for the traceback")
         return 1
 
 

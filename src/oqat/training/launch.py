@@ -20,9 +20,43 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 SPLIT_ENV = "OQAT_SPLIT_BATCH"      # set by launch(): the configured batch is split over this many processes
 PROCS_ENV = "OQAT_PROCS"            # the user's override of the process count
+ERRORS_ENV = "OQAT_RANK_ERRORS"     # set by launch(): the folder where each rank leaves its final error line
+
+
+def report_error(line: str) -> None:
+    """Print a command's final error line, once per run rather than once per process: under
+    :func:`launch` every rank leaves its line in the launcher's folder and only rank 0 prints;
+    the launcher prints another rank's line afterwards when it differs from rank 0's."""
+    rank, folder = int(os.environ.get("RANK", "0")), os.environ.get(ERRORS_ENV)
+    if folder:
+        try:
+            (Path(folder) / f"rank{rank}.txt").write_text(line + "\n")
+        except OSError:
+            folder = None                       # the launcher's folder is gone: say it here
+    if rank == 0 or not folder:
+        print(line, file=sys.stderr)
+
+
+def _other_ranks_errors(folder: Path, procs: int) -> list[str]:
+    """The error lines of ranks 1.. that say something rank 0's does not (each rank of a
+    data-parallel run usually fails on the same bad input, with the same line)."""
+    def line(rank: int) -> str:
+        try:
+            return (folder / f"rank{rank}.txt").read_text().strip()
+        except OSError:
+            return ""
+    seen, out = {line(0)}, []
+    for rank in range(1, procs):
+        text = line(rank)
+        if text and text not in seen:
+            seen.add(text)
+            out.append(f"{text} (process {rank + 1} of {procs})")
+    return out
 
 
 def usable_cores() -> int:
@@ -76,9 +110,18 @@ def launch(argv: list[str], procs: int) -> int:
     """Run ``python -m oqat ARGV`` in `procs` processes (ranks 0..procs-1) and wait for them all.
 
     Returns the first non-zero exit status (the other processes are then stopped), else 0.
-    Ctrl-C reaches every process; rank 0 alone prints progress, the others only errors.
+    Ctrl-C reaches every process; rank 0 alone prints progress, the others warnings, and a final
+    error line only where it differs from rank 0's (:func:`report_error`).
     """
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(procs),
+    with tempfile.TemporaryDirectory(prefix="oqat-ranks-") as errors:
+        status = _run_ranks(argv, procs, {ERRORS_ENV: errors})
+        for line in _other_ranks_errors(Path(errors), procs):
+            print(line, file=sys.stderr)
+    return status
+
+
+def _run_ranks(argv: list[str], procs: int, extra_env: dict[str, str]) -> int:
+    env = {**os.environ, **extra_env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(procs),
            "LOCAL_WORLD_SIZE": str(procs), SPLIT_ENV: str(procs), "OMP_NUM_THREADS": "1"}
     children = []
     for rank in range(procs):
@@ -115,4 +158,5 @@ def launch(argv: list[str], procs: int) -> int:
     return status
 
 
-__all__ = ["PROCS_ENV", "SPLIT_ENV", "choose_procs", "launch", "process_batch", "usable_cores"]
+__all__ = ["ERRORS_ENV", "PROCS_ENV", "SPLIT_ENV", "choose_procs", "launch", "process_batch", "report_error",
+           "usable_cores"]
