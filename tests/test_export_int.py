@@ -106,14 +106,18 @@ def test_exact_mode_passes_every_criterion(bits):
 
 
 @pytest.mark.parametrize("bits", (2, 4))
-def test_fast_mode_moves_codes_by_at_most_one(bits):
-    """The fast route's extra 8-bit rounding: codes move, by one step, and the report says where."""
+def test_fast_mode_moves_some_activation_codes_and_no_weight_code(bits):
+    """The fast route's extra 8-bit rounding moves activation codes near a boundary (by one, or
+    more where an 8-bit intermediate is coarser than the next grid: docs/export.md) and the report
+    says where; the weight codes in the file stay the trained ones."""
     sub, x, _ = _trained(bits)
     model, _, layers = build_onnx_int(sub, mode="fast")
     rep = verify_onnx_int(model, sub, x, progress=False)
     assert {lay.route for lay in layers} >= {"direct", "fast"}
-    assert rep.max_code_diff == 1 and rep.codes_differing > 0
-    assert all(t.share == 0 for t in rep.tensors if t.kind == "weight")
+    assert rep.codes_differing > 0 and rep.max_code_diff >= 1
+    moved = [t for t in rep.tensors if t.differing]
+    assert moved and all(t.kind == "activation" for t in moved)
+    assert rep.codes_differing < 0.05 * sum(t.count for t in rep.tensors)   # a rounding, not a broken layer
 
 
 def test_weight_codes_in_the_file_are_the_trained_codes():

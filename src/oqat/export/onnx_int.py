@@ -20,7 +20,9 @@ kernels), BN folded into per-output-channel weight scales and an int32 bias:
 * **intermediate** (h_swish, squeeze-excite or a residual add sits between the conv and the next
   quantizer): ``QLinearConv`` into an 8-bit tensor whose range comes from the BN statistics (or,
   before h_swish, from the next quantizer's grid), ``DequantizeLinear``, the float ops, then
-  ``QuantizeLinear`` + ``Clip``: one extra rounding, so codes near a boundary move by one.
+  ``QuantizeLinear`` + ``Clip``: one extra rounding, so codes near a boundary move, by one where
+  the intermediate's 8-bit step is finer than the next quantizer's, by more where it is not
+  (seen at 2 bit after the global pool that feeds ``feature_mix``: 2-3).
 
 Layers that a requantizing QLinearConv cannot express exactly enough (a BN channel of zero
 variance, an 8-bit -128 code to negate) take the exact route in both modes; ``feature_mix``
