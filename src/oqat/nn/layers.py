@@ -17,6 +17,7 @@ from ..quant import LSQQuantizer, activation, apply_activation_
 from ..space import make_divisible
 from .batchnorm import batch_norm
 from .depthwise import depthwise_conv2d
+from .pointwise import pointwise_conv2d
 
 
 def output_can_be_negative(act: str | None) -> bool:
@@ -127,8 +128,12 @@ class QConvBN(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x, act=input_act)  # act=None: plain quantization
             weight = self.weight_quant(weight)
-        x = (depthwise_conv2d(x, weight, self.stride, kernel_size // 2) if self.depthwise
-             else F.conv2d(x, weight, None, self.stride, kernel_size // 2))
+        if self.depthwise:
+            x = depthwise_conv2d(x, weight, self.stride, kernel_size // 2)
+        elif kernel_size == 1 and self.stride == 1:
+            x = pointwise_conv2d(x, weight)
+        else:
+            x = F.conv2d(x, weight, None, self.stride, kernel_size // 2)
         if self.bn is not None:
             x = self.bn(x)
         return self.act(x) if apply_act else x
