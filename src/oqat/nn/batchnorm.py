@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import native
+from ..utils.devices import capturing_graph
 
 MIN_ELEMENTS = 16384  # below this the per-call cost outweighs the faster loops (measured)
 
@@ -43,7 +44,7 @@ def _kernels(x: torch.Tensor, weight, bias, use_batch_stats: bool):
     if not (use_batch_stats and weight is not None and bias is not None and x.dim() == 4
             and x.numel() >= MIN_ELEMENTS and native.supports(x) and weight.dtype == x.dtype and x.is_contiguous()):
         return None
-    if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu") or capturing_graph():
         return None
     if x.size(0) * x[0, 0].numel() < 2:  # F.batch_norm raises its own error for one value per channel
         return None

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..utils.devices import capturing_graph
+
 MIN_POSITIONS = 16   # H*W below which the convolution is faster (a 4x4 map: 1.3x; 1x1: 0.2x)
 
 
@@ -22,7 +24,7 @@ def _as_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
         return False
-    if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu") or capturing_graph():
         return False
     return x.size(2) * x.size(3) >= MIN_POSITIONS
 

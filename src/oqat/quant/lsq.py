@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..space import FULL_PRECISION, normalize_bits
+from ..utils.devices import capturing_graph
 from . import native as native_kernels
 from .activations import act_code, activation_fn
 from .kernels import IMPLS, eager_forward, select_kernels
@@ -198,7 +199,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
     act_fn = activation_fn(act)
     qn, qp = qrange(bits, signed)
     scale = grad_scale(x.numel(), bits, signed) if grad_scale_factor is None else grad_scale_factor
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if capturing_graph():
         # Traced/compiled graphs (ONNX export, user compile) get the plain formula.
         x = _grid_input(x)
         return torch.clamp(act_fn(x) / step.to(x.dtype), qn, qp).round() * step.to(x.dtype)
@@ -209,7 +210,7 @@ def _lsq_positive(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, 
                   act: str | None, numel: int | None = None) -> torch.Tensor:
     """``lsq_quantize(x, max(|step|, STEP_EPS), ...)`` with that max inside the autograd Function
     (two autograd nodes fewer per call; the same values and gradients)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if capturing_graph():
         return lsq_quantize(x, step.abs().clamp_min(STEP_EPS), bits, signed, impl=impl, act=act)
     code = act_code(act)
     qn, qp = qrange(bits, signed)

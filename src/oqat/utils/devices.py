@@ -41,4 +41,11 @@ def threads(n: int | None, where: str = "threads") -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-__all__ = ["resolve_device", "threads"]
+def capturing_graph() -> bool:
+    """A trace (``torch.jit.trace``, the ONNX exporter) or ``torch.compile`` is recording the ops:
+    the hand-written kernels and routes that replace PyTorch ops in eager mode give way to the
+    plain ops there, so the recorded graph is the standard one."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+__all__ = ["capturing_graph", "resolve_device", "threads"]
