@@ -157,3 +157,19 @@ def test_deployment_row_times_fp32_and_qcdq_on_openvino_against_its_own_fp32(qcd
     none = deployment_row(DeploymentFiles(fp32=fp, qcdq=res.path), subnet="t", bits=4, resolution=24, runs=1,
                           batches=(1,), openvino=False)
     assert set(none.latency_ms) == {"fp32", "qcdq"} and none.openvino == ""
+
+
+def test_a_compiled_model_is_reused_until_the_file_changes(qcdq, tmp_path):
+    res, sub, x, y = qcdq
+    path = tmp_path / "same.onnx"
+    path.write_bytes(res.path.read_bytes())
+    first = ovc.compile_file(path, 2)
+    assert ovc.compile_file(path, 2) is first                     # the same file, batch and threads
+    assert ovc.compile_file(path, 3) is not first
+    assert ovc.compile_file(path, 2, threads=2) is not first
+    a, b = ovc.OpenVINOModel(path), ovc.OpenVINOModel(path)       # one compiled model, two infer requests
+    np.testing.assert_array_equal(a(x[:2].numpy()), b(x[:2].numpy()))
+    tmp = tmp_path / "other.onnx"                                  # rewritten as export does: a new file
+    tmp.write_bytes(res.path.read_bytes())
+    tmp.replace(path)
+    assert ovc.compile_file(path, 2) is not first

@@ -54,9 +54,28 @@ def version() -> str:
     return _core().__version__.split("-")[0]
 
 
+COMPILED_CACHE = 8  # compiled models kept per process: an export checks, scores and times each file
+
+
 def compile_file(path: str | Path, batch: int, threads: int = 1, precision: str = "f32"):
     """An OpenVINO CPU compiled model of `path` at a static batch size (static shapes keep the
-    integer kernels; ``threads=0`` lets OpenVINO choose)."""
+    integer kernels; ``threads=0`` lets OpenVINO choose).
+
+    Compiling takes 0.3-1 s even for a small subnet, and an export asks for the same file at the
+    same batch several times (check, then timing), so the last few compiled models are reused;
+    the key holds the file's identity, size and modification time, so a rewritten file compiles
+    anew. Each caller still makes its own infer request."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        identity = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        identity = None                                              # compiling reports the error
+    return _compile(str(path), identity, int(batch), int(threads), precision)
+
+
+@functools.lru_cache(maxsize=COMPILED_CACHE)
+def _compile(path: str, identity: tuple | None, batch: int, threads: int, precision: str):
     ov = _core()
     core = _shared_core()
     try:
