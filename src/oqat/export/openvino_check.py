@@ -65,10 +65,9 @@ def compile_file(path: str | Path, batch: int, threads: int = 1, precision: str 
     same batch several times (check, then timing), so the last few compiled models are reused;
     the key holds the file's identity, size and modification time, so a rewritten file compiles
     anew. Each caller still makes its own infer request."""
-    p = Path(path)
     try:
-        st = p.stat()
-        identity = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        st = Path(path).stat()
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError:
         identity = None                                              # compiling reports the error
     return _compile(str(path), identity, int(batch), int(threads), precision)
