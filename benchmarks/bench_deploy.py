@@ -9,6 +9,7 @@ exported through ``deployable_from_checkpoint`` + ``export_subnet`` (BN re-calib
 held-out images) in both integer modes, with the verification figures and the OpenVINO check.
 
     python benchmarks/bench_deploy.py                                  # (a), 1 thread
+    python benchmarks/bench_deploy.py --edge-bits none,8               # (a), float and 8-bit stem/classifier
     python benchmarks/bench_deploy.py --skip-imagenet --ckpt runs/fm/final.pt --arch best.json
 """
 
@@ -58,6 +59,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--bits", default="4,2")
+    p.add_argument("--edge-bits", default="none",
+                   help="(a) for each of these stem/classifier widths (none = float as OQA, or 2..8), e.g. none,8")
     p.add_argument("--skip-imagenet", action="store_true")
     p.add_argument("--ckpt", action="append", default=[], help="trained checkpoint(s) for part (b)")
     p.add_argument("--arch", help="arch JSON for --ckpt (default: the space's smallest at the checkpoint's bits)")
@@ -73,15 +76,18 @@ def run(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.skip_imagenet:
-            space = SearchSpace.preset("mbv3-imagenet")
-            for bits in [int(b) for b in args.bits.split(",")]:
-                arch = Arch(**{**OQA_README, "r": args.resolution}, bits=bits)
-                sub, _, _ = fresh_subnet(space, arch, 0)
-                files = write_files(sub, folder, f"oqa{bits}")
-                row = deployment_row(files, subnet="mbv3-imagenet OQA README subnet (random weights)", bits=bits,
-                                     resolution=arch.r, threads=args.threads, runs=args.runs)
-                print(row.table() + "\n", flush=True)
-                rows.append(row.to_dict())
+            for edge in args.edge_bits.split(","):
+                edge_bits = None if edge == "none" else int(edge)
+                space = SearchSpace.preset("mbv3-imagenet").replace(edge_bits=edge_bits)
+                what = "" if edge_bits is None else f", stem and classifier at {edge_bits} bit"
+                for bits in [int(b) for b in args.bits.split(",")]:
+                    arch = Arch(**{**OQA_README, "r": args.resolution}, bits=bits)
+                    sub, _, _ = fresh_subnet(space, arch, 0)
+                    files = write_files(sub, folder, f"oqa{bits}-{edge}")
+                    row = deployment_row(files, subnet=f"mbv3-imagenet OQA README subnet (random weights{what})",
+                                         bits=bits, resolution=arch.r, threads=args.threads, runs=args.runs)
+                    print(row.table() + "\n", flush=True)
+                    rows.append({**row.to_dict(), "edge_bits": edge_bits})
         for ckpt in args.ckpt:
             from oqat.models import load_checkpoint
 

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from ..nn.layers import SqueezeExcite
+from ..nn.layers import QLinear, SqueezeExcite
 from ..utils.version import __version__
 from .meta import to_string_map
 
@@ -74,14 +74,23 @@ class GraphBuilder:
         y = self.op("HardSigmoid", [y], f"{name}.hardsigmoid", alpha=1.0 / 6.0, beta=0.5)
         return self.op("Mul", [x, y], f"{name}.scale")
 
-    def classifier(self, linear: nn.Linear, x: str) -> str:
-        """The float classifier on the pooled features; its output is the graph's ``logits``."""
+    def classifier(self, linear: nn.Module, x: str) -> str:
+        """The classifier on the pooled features; its output is the graph's ``logits``. A float
+        one (OQA) as Gemm; a quantized one (:class:`QLinear`) as Gemm on the dequantized codes of
+        its input and weight, written by the form's :meth:`quantized_linear_inputs`."""
         x = self.op("Flatten", [x], "flatten", axis=1)
+        if isinstance(linear, QLinear):
+            x, w = self.quantized_linear_inputs("classifier", linear, x)
+        else:
+            w = self.fp_weight("classifier.weight", linear.weight)
         out = self._new(OUTPUT_NAME)
         self.nodes.append(helper.make_node(
-            "Gemm", [x, self.fp_weight("classifier.weight", linear.weight),
-                     self.param("classifier.bias", linear.bias)], [out], name="classifier", transB=1))
+            "Gemm", [x, w, self.param("classifier.bias", linear.bias)], [out], name="classifier", transB=1))
         return out
+
+    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
+        """The (float) input and weight of a quantized linear layer's Gemm, as each form writes them."""
+        raise NotImplementedError(f"export: {type(self).__name__} does not write quantized linear layers")
 
     def model(self, sub, *, name: str, doc: str, opset: int, props: dict | None = None,
               extra_outputs: tuple = ()) -> onnx.ModelProto:

@@ -6,8 +6,8 @@ scale = the quantizer's effective step ``|s|``, zero point 0, and a Clip that ca
 integer range ``qrange(b, signed)``. ``QuantizeLinear`` rounds half to even and saturates like
 ``torch.round``/``torch.clamp``, and since the grid bounds are integers
 ``clip(round(v)) == round(clip(v))``: the graph computes exactly the PyTorch forward
-``round(clip(x / s, Qn, Qp)) * s``. Full-precision layers (stem, squeeze-excite, classifier)
-are float ops. BatchNorm stays a float ``BatchNormalization`` after the conv: LSQ quantizes the
+``round(clip(x / s, Qn, Qp)) * s``. Full-precision layers (squeeze-excite; the stem and the
+classifier unless the space has ``edge_bits``) are float ops. BatchNorm stays a float ``BatchNormalization`` after the conv: LSQ quantizes the
 weight *before* BN, so folding BN into the weight would change the integer codes.
 
 The graph is written with ``onnx.helper`` rather than traced: the network is a fixed, small
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..models import SubNet
 from ..nn.block import MBConvBlock
-from ..nn.layers import QConvBN, SqueezeExcite
+from ..nn.layers import QConvBN, QLinear, SqueezeExcite
 from ..quant import LSQQuantizer, qrange
 from .graph import INPUT_NAME, GraphBuilder
 from .meta import check_initialized, from_string_map
@@ -106,10 +106,7 @@ class _Graph(GraphBuilder):
             x = self.qcdq(f"{name}.act_quant", x, layer.act_quant, "activation")
         wq = layer.weight_quant
         if wq is not None and wq.enabled:
-            if self.weights == "int8":
-                w = self.int_weight(f"{name}.weight_quant", layer.weight, wq)
-            else:
-                w = self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", layer.weight), wq, "weight")
+            w = self.quantized_weight(name, layer.weight, wq)
         else:
             w = self.param(f"{name}.weight", layer.weight)
         k = int(layer.weight.shape[-1])
@@ -120,6 +117,17 @@ class _Graph(GraphBuilder):
             y = self.batchnorm(name, layer.bn, y)
         return self.activation(name, layer.act, y)
 
+    def quantized_weight(self, name: str, weight: torch.Tensor, q: LSQQuantizer) -> str:
+        if self.weights == "int8":
+            return self.int_weight(f"{name}.weight_quant", weight, q)
+        return self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", weight), q, "weight")
+
+    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
+        x = self.qcdq(f"{name}.act_quant", x, linear.act_quant, "activation") if linear.act_quant.enabled else x
+        wq = linear.weight_quant
+        w = self.quantized_weight(name, linear.weight, wq) if wq.enabled else self.param(f"{name}.weight", linear.weight)
+        return x, w
+
     def block(self, name: str, block: MBConvBlock, x: str) -> str:
         y = x if block.expand is None else self.qconvbn(f"{name}.expand", block.expand, x)
         y = self.qconvbn(f"{name}.depthwise", block.depthwise, y)
@@ -129,7 +137,7 @@ class _Graph(GraphBuilder):
         return self.op("Add", [x, y], f"{name}.residual") if block.residual else y
 
 
-_SUPPORTED = (QConvBN, SqueezeExcite, MBConvBlock, LSQQuantizer, nn.BatchNorm2d, nn.Conv2d, nn.Linear,
+_SUPPORTED = (QConvBN, QLinear, SqueezeExcite, MBConvBlock, LSQQuantizer, nn.BatchNorm2d, nn.Conv2d, nn.Linear,
               nn.Dropout, nn.ReLU, nn.Hardswish, nn.Identity, nn.ModuleList)
 
 

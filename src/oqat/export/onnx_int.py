@@ -36,7 +36,9 @@ int8 x int8), of an unsigned one as uint8 with zero point 0. ``weight_gain`` > 1
 ``gain * code`` (still int8; the accumulator is exactly ``gain`` times the trained one) so the
 int32 BN bias is ``gain`` times finer: see :func:`layer_gain`.
 
-The stem, squeeze-excite and classifier stay float (as OQA). Everything the verification needs
+The stem, squeeze-excite and classifier stay float (as OQA) unless the space has ``edge_bits``:
+then the stem is a quantized conv like the others and the classifier a float ``Gemm`` on its
+dequantized 8-bit input and weight codes. Everything the verification needs
 (which tensor holds which quantizer's codes, with which zero point, gain and sign) is in the
 returned :class:`IntCodes` list and in the file's ``integer`` metadata.
 
@@ -56,7 +58,7 @@ import torch
 from onnx import TensorProto
 
 from ..nn.block import MBConvBlock
-from ..nn.layers import QConvBN
+from ..nn.layers import QConvBN, QLinear
 from ..quant import LSQQuantizer, qrange
 from .graph import INPUT_NAME, GraphBuilder
 from .onnx import DEFAULT_OPSET, _check_supported, _scale_value, weight_codes
@@ -385,6 +387,29 @@ class _IntGraph(GraphBuilder):
         y = self.qlinear_conv(name, layer, x, t, zp, "fast", reason)
         return self.dequantize(name, _Q(y, t, zp))
 
+    # -------------------------------------------------------------- edge layers
+    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
+        """A quantized classifier (the space's ``edge_bits``): its input codes (uint8) and int8
+        weight codes, each dequantized into a float Gemm (onnxruntime may fuse them into QGemm):
+        1280 x classes MACs per image, too few to be worth an integer epilogue of its own."""
+        x = self.dequantize(f"{name}.act_quant", self.quantize(f"{name}.act_quant", x, linear.act_quant))
+        wq = linear.weight_quant
+        codes = weight_codes(linear.weight, wq).cpu().numpy().astype(np.int8)
+        w = self.const(f"{name}.weight_quant.codes", codes)
+        self.codes.append(IntCodes(f"{name}.weight_quant", "weight", wq.bits, True, w, 0, 1, []))
+        w = self.op("DequantizeLinear", [w, self.scalar(f"{name}.weight_quant.scale", float(_scale_value(wq)), np.float32),
+                                         self.scalar(f"{name}.weight_quant.zero_point", 0, np.int8)],
+                    f"{name}.weight_quant.dequantize")
+        return x, w
+
+    def stem(self, layer: QConvBN, x: str) -> str:
+        """The stem's float output (the first block's residual adds it): a float conv (OQA), or
+        on integer kernels when the space quantizes it (``edge_bits``)."""
+        if layer.act_quant is None or not layer.act_quant.enabled:
+            return self.float_conv("stem", layer, x)
+        codes = self.quantize("stem.act_quant", x, layer.act_quant)
+        return self.conv_to_float_act("stem", layer, codes, "the first block's residual adds its output")
+
     # -------------------------------------------------------------- float parts
     def float_conv(self, name: str, layer: QConvBN, x: str) -> str:
         """A full-precision conv (the stem): Conv + BatchNormalization (onnxruntime folds them)."""
@@ -455,7 +480,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
     each conv was written. ValueError naming the layer for anything it cannot express.
 
     ``float_weights="int8"`` stores the squeeze-excite and classifier weights as 8-bit (see
-    :meth:`_IntGraph.fp_weight`); the stem stays float32 (432 weights)."""
+    :meth:`_IntGraph.fp_weight`); a float stem stays float32 (432 weights)."""
     if mode not in MODES:
         raise ValueError(f"onnx-int mode: {mode!r} is not one of {list(MODES)}")
     if float_weights not in FLOAT_WEIGHTS:
@@ -475,8 +500,10 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
                 g._check_layer(f"{name}.{part}", layer)
     for name in ("final_expand", "feature_mix"):
         g._check_layer(name, getattr(sub, name))
+    if sub.stem.act_quant is not None and sub.stem.act_quant.enabled:
+        g._check_layer("stem", sub.stem)
     with torch.no_grad():
-        x = g.float_conv("stem", sub.stem, INPUT_NAME)
+        x = g.stem(sub.stem, INPUT_NAME)
         codes = None
         for i, (name, b) in enumerate(blocks):
             nxt = blocks[i + 1][1] if i + 1 < len(blocks) else None

@@ -6,8 +6,8 @@ One file holds everything needed to rebuild the subnet:
   ``code - Qn`` (0 .. 2^b - 1) and bit-packed: code ``i`` occupies bits ``i*b .. i*b + b - 1``
   of the stream, least significant bit first, stream bit ``k`` being bit ``k % 8`` of byte
   ``k // 8``; the last byte is zero-padded. So a 2-bit weight takes a quarter of a byte.
-* every other tensor the eval forward needs (stem, squeeze-excite and classifier weights and
-  biases, BN affine parameters and running statistics, step sizes) as float32;
+* every other tensor the eval forward needs (full-precision stem, squeeze-excite and classifier
+  weights and biases, BN affine parameters and running statistics, step sizes) as float32;
 * the model description of :func:`oqat.export.meta.model_info` (arch, space, bits, steps,
   preprocessing, classes) plus the layout of the packed tensors, as JSON under the key
   ``"oqat"`` of the safetensors header metadata.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..models import build_supernet
-from ..nn.layers import QConvBN
+from ..nn.layers import QConvBN, QLinear
 from ..quant import STEP_EPS, LSQQuantizer, qrange
 from ..space import Arch, SearchSpace
 from .meta import FORMAT, check_initialized
@@ -68,9 +68,10 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ save
-def _quantized_convs(sub) -> dict[str, QConvBN]:
+def _quantized_convs(sub) -> dict[str, QConvBN | QLinear]:
+    """The layers whose weights are stored as codes: quantized convs, and a quantized classifier."""
     return {name: m for name, m in sub.named_modules()
-            if isinstance(m, QConvBN) and m.weight_quant is not None and m.weight_quant.enabled}
+            if isinstance(m, (QConvBN, QLinear)) and m.weight_quant is not None and m.weight_quant.enabled}
 
 
 def plain_permissions(path) -> None:

@@ -181,6 +181,9 @@ def to_ofa(model: dict[str, torch.Tensor], space: SearchSpace, bits: int, where:
     if bits != FULL_PRECISION:
         raise ValueError(f"{where}: a {bits}-bit supernet; OFA's layout holds full-precision supernets only "
                          "(export quantized ones with --to oqa)")
+    if space.edge_bits is not None:
+        raise ValueError(f"{where}: its space sets edge_bits: {space.edge_bits} (stem and classifier quantizers), "
+                         "which OFA's layout has no place for; OFA's spaces keep them full precision")
     return to_foreign(model, space, False, where)
 
 

@@ -63,6 +63,9 @@ def to_oqa(model: dict[str, torch.Tensor], space: SearchSpace, bits: int, unsign
     has no signed activation grid); steps as OQA stores them, shape (1,), the value oqat uses."""
     if bits not in QUANT_BITS:
         raise ValueError(f"{where}: a full-precision supernet has no step sizes; export it with --to ofa")
+    if space.edge_bits is not None:
+        raise ValueError(f"{where}: its space quantizes the stem and the classifier (edge_bits: {space.edge_bits}); "
+                         "OQA's layout keeps them full precision and has no steps for them")
     if not unsigned_activations:
         raise ValueError(f"{where}: its activation quantizers are signed where the input can be negative "
                          "(model.unsigned_activations: false); OQA quantizes every activation unsigned, so its "

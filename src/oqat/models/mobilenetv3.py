@@ -6,8 +6,26 @@ import torch
 from torch import nn
 
 from ..nn.block import MBConvBlock
-from ..nn.layers import QConvBN
+from ..nn.layers import QConvBN, QLinear
 from ..space import Arch, SearchSpace, normalize_bits
+
+EDGE_LAYERS = ("stem", "classifier")  # the first and last layer: at the space's edge_bits, whatever the arch's bits
+
+
+def _classifier(space: SearchSpace, bits: int | None, *, signed_inputs: bool, impl: str) -> nn.Module:
+    """The float classifier (OQA), or a quantized one at the space's ``edge_bits``."""
+    if space.edge_bits is None:
+        return nn.Linear(space.feature_mix_channels, space.num_classes)
+    return QLinear(space.feature_mix_channels, space.num_classes, bits=space.edge_layer_bits(normalize_bits(bits)),
+                   act_signed=signed_inputs, impl=impl)
+
+
+def _stem(space: SearchSpace, bits: int | None, *, signed_inputs: bool, impl: str) -> QConvBN:
+    """The stem conv: full precision (OQA), or quantized at the space's ``edge_bits``; its input,
+    the normalised image, is signed."""
+    return QConvBN(space.in_channels, space.stem_channels, 3, space.stem_stride, act=space.stem_act,
+                   bits=space.edge_layer_bits(normalize_bits(bits)), act_signed=signed_inputs,
+                   quantize=space.edge_bits is not None, impl=impl)
 
 
 class _MobileNetV3Base(nn.Module):
@@ -23,7 +41,7 @@ class _MobileNetV3Base(nn.Module):
         self.feature_mix = QConvBN(space.final_expand_channels, space.feature_mix_channels, 1, bn=False,
                                    act="h_swish", bits=bits, act_signed=False, impl=impl)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(space.feature_mix_channels, space.num_classes)
+        self.classifier = _classifier(space, bits, signed_inputs=False, impl=impl)  # after h_swish: unsigned
 
     def _active_blocks(self) -> list[MBConvBlock]:
         raise NotImplementedError
@@ -52,8 +70,7 @@ class Supernet(_MobileNetV3Base):
         self.unsigned_activations = unsigned_activations
         common = dict(bits=bits, unsigned_activations=unsigned_activations, impl=impl,
                       se_reduction=space.se_reduction, divisor=space.channel_divisor)
-        self.stem = QConvBN(space.in_channels, space.stem_channels, 3, space.stem_stride, act=space.stem_act,
-                            quantize=False)
+        self.stem = _stem(space, bits, signed_inputs=not unsigned_activations, impl=impl)
         c = space.first_block_channels
         self.first_block = MBConvBlock(space.stem_channels, c, space.stem_channels, 1, space.first_block_act,
                                        False, (3,), expand=False, input_act=space.stem_act, **common)
@@ -109,8 +126,11 @@ class SubNet(_MobileNetV3Base):
         self.final_expand = s.final_expand.extract(s.final_expand.in_channels, s.final_expand.out_channels)
         self.feature_mix = s.feature_mix.extract(s.feature_mix.in_channels, s.feature_mix.out_channels)
         self.dropout = nn.Dropout(s.dropout.p)
-        self.classifier = nn.Linear(s.classifier.in_features, s.classifier.out_features)
-        self.classifier.load_state_dict(s.classifier.state_dict())
+        if isinstance(s.classifier, QLinear):
+            self.classifier = s.classifier.extract()
+        else:
+            self.classifier = nn.Linear(s.classifier.in_features, s.classifier.out_features)
+            self.classifier.load_state_dict(s.classifier.state_dict())
         self.to(s.classifier.weight.device)  # the layers above are built on the CPU and copied into
         self.train(s.training)
 

@@ -156,6 +156,38 @@ class QConvBN(nn.Module):
         return layer
 
 
+class QLinear(nn.Module):
+    """act_quant -> linear on the quantized weight, float bias: the classifier of a space with
+    ``edge_bits`` (method.md: "first/last layer at 8 bit"). ``weight`` and ``bias`` keep
+    nn.Linear's names, so its state-dict keys are a full-precision classifier's plus two steps."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int | None, act_signed: bool,
+                 impl: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_quant = LSQQuantizer(bits, signed=act_signed, impl=impl, batched=True)
+        self.weight_quant = LSQQuantizer(bits, signed=True, impl=impl)
+        reference = nn.Linear(in_features, out_features)  # nn.Linear's initialisation
+        self.weight = nn.Parameter(reference.weight.detach().clone())
+        self.bias = nn.Parameter(reference.bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"linear {self.in_features}->{self.out_features}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def extract(self) -> "QLinear":
+        layer = QLinear(self.in_features, self.out_features, bits=self.weight_quant.bits,
+                        act_signed=self.act_quant.signed, impl=self.weight_quant.impl)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            layer.bias.copy_(self.bias)
+        _copy_quantizer(layer.act_quant, self.act_quant)
+        _copy_quantizer(layer.weight_quant, self.weight_quant)
+        return layer
+
+
 class ElasticDepthwise(QConvBN):
     """Depthwise conv with elastic kernel size: one k_max x k_max weight; a smaller kernel is
     the centre crop passed through a learned (k*k x k*k) transform, one per step down (OFA)."""

@@ -3,7 +3,8 @@
 MACs follow OFA's ``count_net_flops`` convention: multiply-accumulates of every conv and linear
 layer (squeeze-excite convs included), nothing for BN, activations, pooling or additions.
 Quantized layers (every conv in the blocks and the two 1x1 head convs) cost ``MACs*b*b`` BitOPs;
-full-precision ones (stem, SE, classifier) ``MACs*32*32``. OQA's "quantized FLOPs" are
+full-precision ones (stem, SE, classifier) ``MACs*32*32``; in a space with ``edge_bits`` the stem
+and the classifier are quantized at that width in every quantized subnet. OQA's "quantized FLOPs" are
 BitOPs/64 for quantized layers and plain MACs for full-precision ones. Parameters count conv and
 linear weights, biases and BN affine parameters (as OFA's ``count_parameters``), not step sizes.
 """
@@ -27,12 +28,14 @@ class LayerCost:
     other_params: int    # biases and BN affine parameters (always 32-bit)
     quantized: bool
     block: int | None = None  # elastic block slot, None outside the elastic blocks
+    fixed_bits: int | None = None  # a quantized layer's own width (the space's edge_bits), not the arch's
 
 
-def _conv(name, cin, cout, k, hw_out, *, groups=1, bn=True, bias=False, quantized=True, block=None):
+def _conv(name, cin, cout, k, hw_out, *, groups=1, bn=True, bias=False, quantized=True, block=None,
+          fixed_bits=None):
     weight = cout * (cin // groups) * k * k
     other = (2 * cout if bn else 0) + (cout if bias else 0)
-    return LayerCost(name, weight * hw_out, weight, other, quantized, block)
+    return LayerCost(name, weight * hw_out, weight, other, quantized, block, fixed_bits)
 
 
 def _down(size: int, stride: int) -> int:
@@ -44,7 +47,9 @@ def layers(space: SearchSpace, arch: Arch) -> list[LayerCost]:
     space.validate(arch)
     out: list[LayerCost] = []
     size = _down(arch.r, space.stem_stride)
-    out.append(_conv("stem", space.in_channels, space.stem_channels, 3, size * size, quantized=False))
+    edge = space.edge_bits is not None
+    out.append(_conv("stem", space.in_channels, space.stem_channels, 3, size * size, quantized=edge,
+                     fixed_bits=space.edge_bits))
     c = space.first_block_channels
     out.append(_conv("first_block.depthwise", space.stem_channels, space.stem_channels, 3, size * size,
                      groups=space.stem_channels))
@@ -71,12 +76,14 @@ def layers(space: SearchSpace, arch: Arch) -> list[LayerCost]:
     out.append(_conv("final_expand", c, space.final_expand_channels, 1, size * size))
     out.append(_conv("feature_mix", space.final_expand_channels, space.feature_mix_channels, 1, 1, bn=False))
     f, n = space.feature_mix_channels, space.num_classes
-    out.append(LayerCost("classifier", f * n, f * n, n, False))
+    out.append(LayerCost("classifier", f * n, f * n, n, edge, fixed_bits=space.edge_bits))
     return out
 
 
 def _bits(layer: LayerCost, arch: Arch) -> int:
-    return arch.bits if layer.quantized and arch.bits != FULL_PRECISION else FP_BITS
+    if not layer.quantized or arch.bits == FULL_PRECISION:
+        return FP_BITS
+    return layer.fixed_bits or arch.bits
 
 
 def macs(space: SearchSpace, arch: Arch) -> int:

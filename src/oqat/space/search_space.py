@@ -157,13 +157,17 @@ class SearchSpace:
     channel_divisor: int = 8
     in_channels: int = 3
     num_classes: int = 1000
+    # Bits of the first and last layer (the stem conv and the classifier), weights and inputs
+    # alike; None keeps them full precision as OQA does. Every other layer follows ``Arch.bits``.
+    edge_bits: int | None = None
 
     KEYS = (
         "name", "stages", "stem_channels", "stem_stride", "stem_act", "first_block_channels",
         "first_block_act", "max_depth", "depth_choices", "kernel_choices", "expand_choices",
         "resolutions", "final_expand_channels", "feature_mix_channels", "se_reduction",
-        "channel_divisor", "in_channels", "num_classes",
+        "channel_divisor", "in_channels", "num_classes", "edge_bits",
     )
+    OPTIONAL_KEYS = ("edge_bits",)  # left out of to_dict() when None: older files and hashes stay as they were
 
     # Sane bounds: a space (from a YAML file, a checkpoint or an exported model's metadata) that
     # exceeds them is refused before any tensor is allocated for it.
@@ -207,6 +211,10 @@ class SearchSpace:
                 raise ValueError(f"{where}: {name}: {getattr(self, name)!r} is not one of {ACTIVATIONS}")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"{where}: stem_stride must be 1 or 2, got {self.stem_stride}")
+        eb = self.edge_bits
+        if eb is not None and (isinstance(eb, bool) or not isinstance(eb, int) or eb not in QUANT_BITS):
+            raise ValueError(f"{where}: edge_bits: {eb!r} is not supported; use one of {list(QUANT_BITS)} "
+                             f"(8 is the usual choice) or null for full-precision first and last layers")
         for name in ("depth_choices", "kernel_choices", "expand_choices", "resolutions"):
             values = getattr(self, name)
             if not values or list(values) != sorted(set(values)):
@@ -262,6 +270,8 @@ class SearchSpace:
         out: dict[str, Any] = {}
         for key in self.KEYS:
             value = getattr(self, key)
+            if value is None and key in self.OPTIONAL_KEYS:
+                continue
             if key == "stages":
                 value = [dataclasses.asdict(s) for s in value]
             elif isinstance(value, tuple):
@@ -295,10 +305,17 @@ class SearchSpace:
     @classmethod
     def resolve(cls, spec: Any, base_dir: str | Path | None = None) -> "SearchSpace":
         """A space from what configs and flags give: a SearchSpace, a preset name, a YAML path
-        (relative to the working directory, else to `base_dir`, e.g. the config's folder) or an
-        inline mapping."""
+        (relative to the working directory, else to `base_dir`, e.g. the config's folder), an
+        inline mapping, or a mapping ``{preset: NAME, <key>: <value>, ...}``: a preset with some
+        keys changed (e.g. ``{preset: fmnist-quick, edge_bits: 8}``)."""
         if isinstance(spec, cls):
             return spec
+        if isinstance(spec, dict) and "preset" in spec:
+            name, changes = spec["preset"], {k: v for k, v in spec.items() if k != "preset"}
+            if not isinstance(name, str):
+                raise ValueError(f"space: preset: expected a preset name, got {name!r}")
+            _reject_unknown(changes, cls.KEYS, f"space (preset {name!r})")
+            return cls.from_dict({**cls.preset(name).to_dict(), **changes})
         if isinstance(spec, dict):
             return cls.from_dict(spec)
         if isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml")):
@@ -315,6 +332,13 @@ class SearchSpace:
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- structure
+    def edge_layer_bits(self, bits: int) -> int:
+        """Bits of the stem conv and the classifier in a `bits`-bit network of this space: 32 when
+        the space keeps them full precision or the network is full precision, else ``edge_bits``."""
+        if self.edge_bits is None or normalize_bits(bits) == FULL_PRECISION:
+            return FULL_PRECISION
+        return self.edge_bits
+
     @property
     def num_stages(self) -> int:
         return len(self.stages)
@@ -379,8 +403,8 @@ class SearchSpace:
                     out.append(f"{len(a[k])} vs {len(b[k])} stages")
                 out += [f"stages[{i}].{f} {x[f]} vs {y[f]}" for i, (x, y) in enumerate(zip(a[k], b[k]))
                         for f in x if x[f] != y[f]]
-            elif a[k] != b[k]:
-                out.append(f"{k} {a[k]} vs {b[k]}")
+            elif a.get(k) != b.get(k):
+                out.append(f"{k} {a.get(k)} vs {b.get(k)}")
         return ", ".join(out) or "nothing"
 
     def key(self, arch: Arch) -> str:

@@ -2,7 +2,8 @@
 
 Weights, BN statistics, kernel transforms and step sizes are inherited; every step size is
 multiplied by ``factor`` once per bit removed (default 2: s_(b-1) = 2 s_b), which keeps each
-quantizer's clipping range almost unchanged while the grid halves.
+quantizer's clipping range almost unchanged while the grid halves. In a space with ``edge_bits``
+the stem and classifier keep their width, so their steps are inherited unchanged.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from pathlib import Path
 
 import torch
 
-from ..models import Checkpoint, CheckpointError, load_checkpoint
+from ..models import EDGE_LAYERS, Checkpoint, CheckpointError, load_checkpoint
 from ..space import FULL_PRECISION, QUANT_BITS, SearchSpace
 
 DEFAULT_FACTOR = 2.0
 
 
 def inherit_bits(state_dict: dict[str, torch.Tensor], from_bits: int, to_bits: int,
-                 factor: float = DEFAULT_FACTOR) -> dict[str, torch.Tensor]:
+                 factor: float = DEFAULT_FACTOR, keep: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The initial state of the `to_bits` supernet from a `from_bits` one (a new dict).
 
-    Every tensor is copied; each ``*.step`` is multiplied by ``factor ** (from_bits - to_bits)``.
+    Every tensor is copied; each ``*.step`` is multiplied by ``factor ** (from_bits - to_bits)``,
+    except those of the layers named in `keep` (module paths, e.g. the fixed-width edge layers).
     """
     if from_bits == FULL_PRECISION or from_bits not in QUANT_BITS:
         raise ValueError(f"from_bits: {from_bits} is not a quantized bit-width; bit inheritance starts "
@@ -44,7 +46,7 @@ def inherit_bits(state_dict: dict[str, torch.Tensor], from_bits: int, to_bits: i
     out = {}
     for key, value in state_dict.items():
         value = value.detach().clone()
-        if key.endswith(".step"):
+        if key.endswith(".step") and key.split(".", 1)[0] not in keep:
             value.mul_(scale)
         out[key] = value
     return out
@@ -57,7 +59,8 @@ def inherit_checkpoint(path: str | Path, to_bits: int, out: str | Path, factor: 
     if expect_space is not None and ckpt.space != expect_space:
         raise CheckpointError(f"{path}: checkpoint is for another space ({ckpt.space.differences(expect_space)})")
     try:
-        state = inherit_bits(ckpt.model, ckpt.bits, to_bits, factor)
+        keep = EDGE_LAYERS if ckpt.space.edge_bits is not None else ()
+        state = inherit_bits(ckpt.model, ckpt.bits, to_bits, factor, keep=keep)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     config = dict(ckpt.config)

@@ -46,7 +46,7 @@ from ..data import (
 )
 from ..data.gpu_loader import warn_fallback
 from ..measure import measure
-from ..models import Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint
+from ..models import EDGE_LAYERS, Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint
 from ..quant import kernel_impl
 from ..space import FULL_PRECISION, Arch, SearchSpace, normalize_bits
 from ..utils.config import to_dict
@@ -66,6 +66,21 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _load_init(net: Supernet, state: dict, edge_only: bool, where) -> None:
+    """Load an --init state; with `edge_only`, the edge layers' quantizer entries may be missing
+    (they initialise on the first batch) or superfluous (the run keeps those layers float)."""
+    if not edge_only:
+        net.load_state_dict(state)
+        return
+    prefixes = tuple(f"{layer}.{q}." for layer in EDGE_LAYERS for q in ("act_quant", "weight_quant"))
+    result = net.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefixes)}, strict=False)
+    other = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if other or result.unexpected_keys:
+        raise CheckpointError(f"{where}: its weights do not fit this run's supernet (missing {other[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]})")
+    log.info("%s: the stem and classifier quantizers (edge_bits %s) start afresh", where, net.space.edge_bits)
+
+
 def _param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in net.named_parameters():
@@ -236,7 +251,10 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
         start_step = resume_state.step
     elif cfg.init:
         init = load_checkpoint(cfg.init)
-        if init.space != space:
+        # A checkpoint whose space differs only in edge_bits (e.g. a converted OFA supernet, whose
+        # stem and classifier are float) starts a run that quantizes them: their steps start afresh.
+        edge_only = init.space != space and init.space.replace(edge_bits=space.edge_bits) == space
+        if init.space != space and not edge_only:
             raise CheckpointError(f"{cfg.init}: the --init checkpoint's space differs from this run's (after setting "
                                   f"classes/channels from the data): {init.space.differences(space)}")
         if init.bits not in (FULL_PRECISION, bits):
@@ -247,7 +265,7 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
             raise CheckpointError(f"{cfg.init}: its model.unsigned_activations is {init_unsigned}, this run's "
                                   f"{cfg.model.unsigned_activations}; set model.unsigned_activations to match "
                                   f"(otherwise its quantizers would compute another network)")
-        net.load_state_dict(init.model)
+        _load_init(net, init.model, edge_only, cfg.init)
         log.info("initialised from %s (%s-bit, step %d)", cfg.init, init.bits, init.step)
 
     if tcfg.sync_bn:

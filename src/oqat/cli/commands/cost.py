@@ -31,6 +31,6 @@ def run(args) -> int:
     print(cost.format_summary(summary))
     if args.layers:
         for layer in cost.layers(space, arch):
-            q = "q" if layer.quantized else "fp"
+            q = (f"q{layer.fixed_bits}" if layer.fixed_bits else "q") if layer.quantized else "fp"
             print(f"  {layer.name:28s} {layer.macs / 1e6:9.3f} MMACs  {q}")
     return 0

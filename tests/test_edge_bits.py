@@ -1,0 +1,228 @@
+"""First and last layer at a fixed width (``edge_bits``, method.md section 2): the space field,
+costs, the supernet and its subnets, bit inheritance, --init from a float-edge checkpoint, every
+export form and the interop layouts that cannot hold it."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import yaml
+from helpers import split_tensors, train_subnet
+
+from oqat import SearchSpace, build_supernet, inherit_bits
+from oqat.export import ExportedModel, export_subnet
+from oqat.export.meta import FORMAT
+from oqat.export.onnx import build_onnx
+from oqat.export.onnx_int import build_onnx_int
+from oqat.export.packed import load_packed, save_packed
+from oqat.export.verify import VerificationData, torch_forward, verify_onnx
+from oqat.export.verify_int import verify_onnx_int
+from oqat.models import Checkpoint, load_checkpoint
+from oqat.nn.layers import QLinear
+from oqat.space import cost
+from oqat.training import inherit_checkpoint, load_train_config, train
+
+PLAIN = SearchSpace.preset("mbv3-tiny")
+EDGE = PLAIN.replace(edge_bits=8)
+SYNTHETIC = {"name": "synthetic", "image_size": 32, "holdout": 64, "synthetic_size": 256}
+
+
+def _edge_quantizers(net):
+    return [net.stem.act_quant, net.stem.weight_quant, net.classifier.act_quant, net.classifier.weight_quant]
+
+
+# ----------------------------------------------------------------------------------- the space
+@pytest.mark.parametrize("value", (9, 1, 32, True, "8", 8.0))
+def test_unsupported_edge_bits_name_the_key(value):
+    with pytest.raises(ValueError, match=f"edge_bits: {value!r} is not supported"):
+        PLAIN.replace(edge_bits=value)
+
+
+def test_the_field_is_left_out_of_files_when_unset_and_round_trips_when_set():
+    assert "edge_bits" not in PLAIN.to_dict()          # older spaces, checkpoints and stage hashes unchanged
+    assert EDGE.to_dict()["edge_bits"] == 8
+    assert SearchSpace.from_dict(EDGE.to_dict()) == EDGE and SearchSpace.from_dict(PLAIN.to_dict()) == PLAIN
+    assert EDGE.differences(PLAIN) == "edge_bits 8 vs None"
+
+
+def test_a_preset_with_changed_keys_resolves():
+    assert SearchSpace.resolve({"preset": "mbv3-tiny", "edge_bits": 8}) == EDGE
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['edgebits'\]"):
+        SearchSpace.resolve({"preset": "mbv3-tiny", "edgebits": 8})
+    with pytest.raises(ValueError, match="preset 'nope' is unknown"):
+        SearchSpace.resolve({"preset": "nope"})
+
+
+def test_edge_layer_bits():
+    assert [EDGE.edge_layer_bits(b) for b in (2, 4, 8, 32)] == [8, 8, 8, 32]
+    assert PLAIN.edge_layer_bits(4) == 32
+
+
+# ----------------------------------------------------------------------------------- costs
+@pytest.mark.parametrize("bits", (2, 4))
+def test_bitops_charge_the_edge_layers_at_their_width(bits):
+    arch = PLAIN.largest(bits)
+    layers = {layer.name: layer for layer in cost.layers(PLAIN, arch)}
+    edge_macs = layers["stem"].macs + layers["classifier"].macs
+    assert cost.bitops(EDGE, arch) == cost.bitops(PLAIN, arch) - edge_macs * (32 * 32 - 8 * 8)
+    edge_weights = layers["stem"].weight_params + layers["classifier"].weight_params
+    assert cost.size_bits(EDGE, arch) == cost.size_bits(PLAIN, arch) - edge_weights * (32 - 8)
+    # OQA's "quantized FLOPs" charge an 8 x 8-bit MAC 64 / 64 = 1, as much as a float one
+    assert cost.oqa_flops(EDGE, arch) == pytest.approx(cost.oqa_flops(PLAIN, arch))
+    assert cost.macs(EDGE, arch) == cost.macs(PLAIN, arch)
+    fp = PLAIN.largest(32)
+    assert cost.bitops(EDGE, fp) == cost.bitops(PLAIN, fp)
+
+
+# ----------------------------------------------------------------------------------- the network
+@pytest.mark.parametrize("bits", (2, 4, 32))
+def test_the_edge_layers_keep_their_width_whatever_the_arch_bits(bits):
+    net = build_supernet(EDGE, bits)
+    stem_act, stem_w, cls_act, cls_w = _edge_quantizers(net)
+    assert {q.bits for q in _edge_quantizers(net)} == {8 if bits != 32 else 32}
+    assert stem_act.signed and stem_w.signed and not cls_act.signed and cls_w.signed   # image signed; after h_swish
+    assert isinstance(net.classifier, QLinear)
+    plain = set(build_supernet(PLAIN, bits).state_dict())
+    extra = set(net.state_dict()) - plain
+    assert plain < set(net.state_dict()) and all(k.startswith(("stem.", "classifier.")) for k in extra)
+    assert len(extra) == 8                                # step + initialized of four quantizers
+    assert set(build_supernet(EDGE, 32).state_dict()) == set(net.state_dict())
+
+
+def test_quantized_edges_change_the_output_and_the_subnet_matches_the_supernet():
+    torch.manual_seed(0)
+    net = build_supernet(EDGE, 4).train()
+    x = torch.randn(8, 3, 32, 32)
+    net(x).sum().backward()                               # initialises the steps; gradients reach them
+    assert all(q.step.grad is not None and q.step.grad.abs() > 0 for q in _edge_quantizers(net))
+    plain = build_supernet(PLAIN, 4).train()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+    with torch.no_grad():                                 # batch statistics: outputs vary by image
+        assert not torch.allclose(net(x), plain(x))
+        q = net.stem.act_quant
+        codes = q(x) / q.effective_step()                 # the image on the signed 8-bit grid
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= -128 and codes.max() <= 127
+        assert len(codes.round().unique()) > 16                 # finer than any 4-bit grid
+        arch = EDGE.smallest(4).replace(r=24)
+        net.set_arch(arch)
+        sub = net.extract()
+        xs = torch.randn(4, 3, 24, 24)
+        assert torch.equal(net(xs), sub(xs))
+    assert isinstance(sub.classifier, QLinear) and sub.stem.weight_quant.bits == 8
+
+
+# ----------------------------------------------------------------------------------- inheritance, init
+def test_inheritance_keeps_the_edge_steps(tmp_path):
+    torch.manual_seed(0)
+    net = build_supernet(EDGE, 4).train()
+    net(torch.randn(4, 3, 32, 32))
+    state = net.state_dict()
+    src = Checkpoint(space=EDGE, bits=4, model=state, step=5, config={}).save(tmp_path / "b4.pt")
+    out = load_checkpoint(inherit_checkpoint(src, 2, tmp_path / "b2.pt"))
+    for key in (k for k in state if k.endswith(".step")):
+        factor = 1 if key.startswith(("stem.", "classifier.")) else 4
+        assert torch.allclose(out.model[key], factor * state[key]), key
+    assert torch.equal(inherit_bits(state, 4, 3)["stem.act_quant.step"], 2 * state["stem.act_quant.step"])
+
+
+def test_a_float_edge_checkpoint_starts_an_edge_run_and_another_space_is_still_refused(tmp_path):
+    from oqat.models import CheckpointError
+
+    torch.manual_seed(0)
+    fp = build_supernet(PLAIN.replace(num_classes=10), 32)
+    src = Checkpoint(space=PLAIN.replace(num_classes=10), bits=32, model=fp.state_dict(), config={}).save(tmp_path / "fp.pt")
+    cfg = {"space": {"preset": "mbv3-tiny", "edge_bits": 8}, "bits": 4, "init": str(src),
+           "data": {"name": "synthetic", "image_size": 32, "holdout": 16, "synthetic_size": 64},
+           "train": {"max_steps": 1, "batch_size": 16, "eval_images": 0, "num_random": 0}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = train(load_train_config(path), tmp_path / "run", progress=False)
+    trained = load_checkpoint(result.checkpoint)
+    assert trained.space.edge_bits == 8 and bool(trained.model["stem.act_quant.initialized"])
+    w0, w1 = fp.state_dict()["blocks.0.expand.weight"], trained.model["blocks.0.expand.weight"]
+    assert (w1 - w0).norm() < 0.1 * w0.norm()            # the float weights were loaded, then one step taken
+    cfg["space"] = {"preset": "mbv3-tiny", "edge_bits": 8, "feature_mix_channels": 256}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="differs from this run"):
+        train(load_train_config(path), tmp_path / "run2", progress=False)
+
+
+# ----------------------------------------------------------------------------------- export
+@functools.cache
+def _trained():
+    """A 24 px subnet of the edge space at 4 bit, trained 60 Adam steps, BN re-estimated."""
+    from oqat import data as D
+    from oqat.measure import recalibrate_bn
+
+    torch.manual_seed(4)
+    data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
+    x, y = split_tensors(data.train)
+    net = build_supernet(EDGE, 4, impl="eager")
+    arch = EDGE.smallest(4).replace(r=24)
+    train_subnet(net, EDGE, arch, x, y, lambda p: torch.optim.Adam(p, lr=3e-3), steps=60)
+    sub = net.extract(arch).eval()
+    recalibrate_bn(sub, [D.resize_batch(x[i:i + 64], 24) for i in range(0, 192, 64)])
+    hx, hy = split_tensors(data.holdout)
+    return sub, D.resize_batch(hx, 24), hy
+
+
+@pytest.mark.parametrize("weights", ("float", "int8"))
+def test_qcdq_file_holds_the_edge_codes_and_verifies(weights):
+    sub, x, y = _trained()
+    model, codes = build_onnx(sub, weights=weights)
+    edge = {c.name: c.bits for c in codes if c.name.startswith(("stem.", "classifier."))}
+    assert edge == {"stem.act_quant": 8, "stem.weight_quant": 8, "classifier.act_quant": 8,
+                    "classifier.weight_quant": 8}
+    rep = verify_onnx(model, sub, x, labels=y, progress=False)
+    assert rep.ok, rep.summary()
+    assert rep.max_code_diff == 0 and {"stem.act_quant", "classifier.act_quant"} <= {t.name for t in rep.tensors}
+
+
+def test_integer_file_runs_the_stem_on_an_integer_kernel():
+    sub, x, y = _trained()
+    model, codes, layers = build_onnx_int(sub, mode="exact")
+    assert layers[0].name == "stem" and layers[0].op == "ConvInteger"
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Conv") == 2 * sum(b.se is not None for b in sub.blocks)      # only squeeze-excite is float
+    rep = verify_onnx_int(model, sub, x, labels=y, progress=False)
+    assert rep.ok, rep.summary()
+    assert rep.graph["int_convs"] == rep.graph["expected_int"] and rep.max_code_diff <= 1
+    assert {"stem.weight_quant", "classifier.weight_quant", "classifier.act_quant"} <= {t.name for t in rep.tensors}
+
+
+def test_packed_file_stores_the_edge_weights_as_8_bit_codes(tmp_path):
+    sub, x, _ = _trained()
+    path = save_packed(sub, tmp_path / "m.oqat", {"format": FORMAT, "arch": sub.arch.to_dict(),
+                                                  "space": sub.space.to_dict(), "bits": sub.bits})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        keys = set(f.keys())
+    assert {"stem.weight.codes", "classifier.weight.codes"} <= keys and "classifier.weight" not in keys
+    back = load_packed(path)
+    with torch.no_grad():
+        assert torch.equal(back(x[:8]), sub(x[:8]))
+
+
+def test_export_subnet_and_predict(tmp_path):
+    sub, x, y = _trained()
+    res = export_subnet(sub, tmp_path / "m.onnx", "onnx", verification=VerificationData(x, y, "held-out"),
+                        calibration={"recalibrated": True}, progress=False)
+    assert res.report.ok
+    logits = ExportedModel(res.path).logits(x[:8].numpy())
+    ref, _ = torch_forward(sub, x[:8])
+    assert (logits.argmax(1) == ref.numpy().argmax(1)).all()
+
+
+# ----------------------------------------------------------------------------------- interop
+def test_ofa_and_oqa_layouts_refuse_quantized_edges():
+    from oqat.interop.ofa import to_ofa
+    from oqat.interop.oqa import to_oqa
+
+    space = SearchSpace.preset("mbv3-imagenet").replace(edge_bits=8)
+    with pytest.raises(ValueError, match="edge_bits: 8"):
+        to_ofa(build_supernet(space, 32).state_dict(), space, 32)
+    with pytest.raises(ValueError, match="edge_bits: 8"):
+        to_oqa(build_supernet(space, 4, unsigned_activations=True).state_dict(), space, 4, True)
