@@ -1,4 +1,5 @@
-"""Small pieces several test modules share: a data split as tensors, a briefly trained subnet."""
+"""Small pieces several test modules share: a data split as tensors, a briefly trained subnet,
+a one-step training run."""
 
 from __future__ import annotations
 
@@ -31,3 +32,21 @@ def train_subnet(net, space, arch, x, y, opt_factory, steps: int, seed: int = 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def one_step_config(space, bits: int, init) -> dict:
+    """A training config of one 16-image step on synthetic 32 px data, started from `init`."""
+    return {"space": space, "bits": bits, "init": str(init),
+            "data": {"name": "synthetic", "image_size": 32, "holdout": 16, "synthetic_size": 64},
+            "train": {"max_steps": 1, "batch_size": 16, "eval_images": 0, "num_random": 0}}
+
+
+def train_config(cfg: dict, folder):
+    """Write `cfg` as `folder`.yaml and train it into `folder` (quietly); the TrainResult."""
+    import yaml
+
+    from oqat.training import load_train_config, train
+
+    path = folder.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return train(load_train_config(path), folder, progress=False)

@@ -8,8 +8,7 @@ import functools
 
 import pytest
 import torch
-import yaml
-from helpers import split_tensors, train_subnet
+from helpers import one_step_config, split_tensors, train_config, train_subnet
 
 from oqat import SearchSpace, build_supernet, inherit_bits
 from oqat.export import ExportedModel, export_subnet
@@ -22,7 +21,7 @@ from oqat.export.verify_int import verify_onnx_int
 from oqat.models import Checkpoint, load_checkpoint
 from oqat.nn.layers import QLinear
 from oqat.space import cost
-from oqat.training import inherit_checkpoint, load_train_config, train
+from oqat.training import inherit_checkpoint
 
 PLAIN = SearchSpace.preset("mbv3-tiny")
 EDGE = PLAIN.replace(edge_bits=8)
@@ -133,20 +132,14 @@ def test_a_float_edge_checkpoint_starts_an_edge_run_and_another_space_is_still_r
     torch.manual_seed(0)
     fp = build_supernet(PLAIN.replace(num_classes=10), 32)
     src = Checkpoint(space=PLAIN.replace(num_classes=10), bits=32, model=fp.state_dict(), config={}).save(tmp_path / "fp.pt")
-    cfg = {"space": {"preset": "mbv3-tiny", "edge_bits": 8}, "bits": 4, "init": str(src),
-           "data": {"name": "synthetic", "image_size": 32, "holdout": 16, "synthetic_size": 64},
-           "train": {"max_steps": 1, "batch_size": 16, "eval_images": 0, "num_random": 0}}
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = train(load_train_config(path), tmp_path / "run", progress=False)
-    trained = load_checkpoint(result.checkpoint)
+    cfg = one_step_config({"preset": "mbv3-tiny", "edge_bits": 8}, 4, src)
+    trained = load_checkpoint(train_config(cfg, tmp_path / "run").checkpoint)
     assert trained.space.edge_bits == 8 and bool(trained.model["stem.act_quant.initialized"])
     w0, w1 = fp.state_dict()["blocks.0.expand.weight"], trained.model["blocks.0.expand.weight"]
     assert (w1 - w0).norm() < 0.1 * w0.norm()            # the float weights were loaded, then one step taken
     cfg["space"] = {"preset": "mbv3-tiny", "edge_bits": 8, "feature_mix_channels": 256}
-    path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="differs from this run"):
-        train(load_train_config(path), tmp_path / "run2", progress=False)
+        train_config(cfg, tmp_path / "run2")
 
 
 # ----------------------------------------------------------------------------------- export

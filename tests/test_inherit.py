@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
+from helpers import one_step_config, train_config
 
 from oqat import SearchSpace, build_supernet, inherit_bits
 from oqat.cli import main
 from oqat.models import Checkpoint, CheckpointError, load_checkpoint, load_supernet
-from oqat.training import inherit_checkpoint, load_train_config, train
+from oqat.training import inherit_checkpoint
 
 SPACE = SearchSpace.preset("mbv3-tiny")
 
@@ -80,21 +80,15 @@ def test_checkpoint_round_trip_and_train_init(tmp_path, state4):
     with pytest.raises(CheckpointError, match="another space \\(name mbv3-tiny vs other"):
         inherit_checkpoint(src, 2, tmp_path / "x.pt", expect_space=other)
 
-    cfg = {"space": "mbv3-tiny", "bits": 2, "init": str(out),
-           "data": {"name": "synthetic", "image_size": 32, "holdout": 16, "synthetic_size": 64},
-           "train": {"max_steps": 1, "batch_size": 16, "eval_images": 0, "num_random": 0}}
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = train(load_train_config(path), tmp_path / "run", progress=False)
-    trained = load_checkpoint(result.checkpoint)
+    cfg = one_step_config("mbv3-tiny", 2, out)
+    trained = load_checkpoint(train_config(cfg, tmp_path / "run").checkpoint)
     key = "blocks.0.expand.weight_quant.step"
     # one SGD step later the inherited step (4x the 4-bit one) has moved only slightly
     assert trained.model[key].item() == pytest.approx(4 * state4[key].item(), rel=0.2)
 
     cfg["space"] = "mbv3-cifar"
-    path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="differs from this run"):
-        train(load_train_config(path), tmp_path / "run2", progress=False)
+        train_config(cfg, tmp_path / "run2")
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, state4, capsys):
