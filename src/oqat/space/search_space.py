@@ -137,7 +137,7 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """A once-for-all MobileNetV3 search space (see docs/search-space.md for the YAML schema)."""
+    """A once-for-all MobileNetV3 search space (the YAML keys are the fields below; src/oqat/space/presets/ holds examples, README "Search spaces" the overview)."""
 
     name: str
     stages: tuple[StageSpec, ...]
