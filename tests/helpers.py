@@ -50,3 +50,27 @@ def train_config(cfg: dict, folder):
     path = folder.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     return train(load_train_config(path), folder, progress=False)
+
+
+SYNTHETIC = {"name": "synthetic", "image_size": 32, "holdout": 64, "synthetic_size": 256}
+
+
+def trained_smallest_subnet(space, bits: int, *, seed: int, steps: int, resolution: int = 24):
+    """The smallest subnet of `space` at `bits` and `resolution` px, trained `steps` Adam steps on
+    synthetic data (:data:`SYNTHETIC`), BN re-estimated: (subnet in eval mode, held-out images at
+    its resolution, their labels). Real margins, so agreement between engines means something.
+    The global generator is seeded first: the training split's augmentation draws from it."""
+    from oqat import build_supernet
+    from oqat import data as D
+    from oqat.measure import recalibrate_bn
+
+    torch.manual_seed(seed)
+    data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
+    x, y = split_tensors(data.train)
+    net = build_supernet(space, bits, impl="eager")
+    arch = space.smallest(bits).replace(r=resolution)
+    train_subnet(net, space, arch, x, y, lambda p: torch.optim.Adam(p, lr=3e-3), steps=steps)
+    sub = net.extract(arch).eval()
+    recalibrate_bn(sub, [resize_batch(x[i:i + 64], resolution) for i in range(0, 192, 64)])
+    hx, hy = split_tensors(data.holdout)
+    return sub, resize_batch(hx, resolution), hy

@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from helpers import one_step_config, split_tensors, train_config, train_subnet
+from helpers import one_step_config, train_config, trained_smallest_subnet
 
 from oqat import SearchSpace, build_supernet, inherit_bits
 from oqat.export import ExportedModel, export_subnet
@@ -25,7 +25,6 @@ from oqat.training import inherit_checkpoint
 
 PLAIN = SearchSpace.preset("mbv3-tiny")
 EDGE = PLAIN.replace(edge_bits=8)
-SYNTHETIC = {"name": "synthetic", "image_size": 32, "holdout": 64, "synthetic_size": 256}
 
 
 def _edge_quantizers(net):
@@ -146,19 +145,7 @@ def test_a_float_edge_checkpoint_starts_an_edge_run_and_another_space_is_still_r
 @functools.cache
 def _trained():
     """A 24 px subnet of the edge space at 4 bit, trained 60 Adam steps, BN re-estimated."""
-    from oqat import data as D
-    from oqat.measure import recalibrate_bn
-
-    torch.manual_seed(4)
-    data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
-    x, y = split_tensors(data.train)
-    net = build_supernet(EDGE, 4, impl="eager")
-    arch = EDGE.smallest(4).replace(r=24)
-    train_subnet(net, EDGE, arch, x, y, lambda p: torch.optim.Adam(p, lr=3e-3), steps=60)
-    sub = net.extract(arch).eval()
-    recalibrate_bn(sub, [D.resize_batch(x[i:i + 64], 24) for i in range(0, 192, 64)])
-    hx, hy = split_tensors(data.holdout)
-    return sub, D.resize_batch(hx, 24), hy
+    return trained_smallest_subnet(EDGE, 4, seed=4, steps=60)
 
 
 @pytest.mark.parametrize("weights", ("float", "int8"))

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import split_tensors, train_subnet
+from helpers import SYNTHETIC, trained_smallest_subnet
 from onnx import numpy_helper
 
 from oqat import SearchSpace, build_supernet
@@ -24,7 +24,6 @@ from oqat.models import Checkpoint
 from oqat.nn.layers import QConvBN
 
 SPACE = SearchSpace.preset("mbv3-tiny")
-SYNTHETIC = {"name": "synthetic", "image_size": 32, "holdout": 64, "synthetic_size": 256}
 
 
 def _arch(bits):
@@ -35,23 +34,9 @@ def _arch(bits):
 def _trained(bits: int):
     """A 24 px mbv3-tiny subnet at `bits`, trained 80 Adam steps on synthetic data, BN re-estimated:
     real margins (holdout top-1 well above chance at 3 bits and up), so agreement is a meaningful
-    test (random networks are chaotic; 25 SGD steps left the loss at chance and 2 bits diverged)."""
-    from oqat import data as D
-
-    # Seeded first: the training split's augmentation draws from the global generator, so an
-    # unseeded draw made this subnet depend on the tests that ran before (2 bit then diverged).
-    torch.manual_seed(bits)
-    data = D.build_data(D.DataConfig.from_dict(SYNTHETIC))
-    x, y = split_tensors(data.train)
-    net = build_supernet(SPACE, bits, impl="eager")
-    arch = _arch(bits)
-    train_subnet(net, SPACE, arch, x, y, lambda p: torch.optim.Adam(p, lr=3e-3), steps=80)
-    sub = net.extract(arch).eval()
-    from oqat.measure import recalibrate_bn
-
-    recalibrate_bn(sub, [D.resize_batch(x[i:i + 64], 24) for i in range(0, 192, 64)])
-    hx, hy = split_tensors(data.holdout)
-    return sub, D.resize_batch(hx, 24), hy
+    test (random networks are chaotic; 25 SGD steps left the loss at chance and 2 bits diverged).
+    Seeded by `bits` first: an unseeded draw made this subnet depend on the tests that ran before."""
+    return trained_smallest_subnet(SPACE, bits, seed=bits, steps=80)
 
 
 def _ops(model):

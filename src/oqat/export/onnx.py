@@ -53,6 +53,22 @@ def weight_codes(weight: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
     return torch.clamp(weight.detach() / s, qn, qp).round()
 
 
+def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, q: LSQQuantizer) -> tuple[str, str]:
+    """A weight's trained codes as the int8 initializer ``<qname>.codes`` and its
+    ``DequantizeLinear`` (scale ``|s|``, zero point 0): (codes, dequantized weight). How both
+    ONNX forms store a quantized weight that a float op consumes."""
+    if not q.signed:
+        raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
+    codes = weight_codes(weight, q).cpu().numpy()
+    qn, qp = qrange(q.bits, q.signed)
+    if codes.min() < qn or codes.max() > qp:  # cannot happen: clamp above
+        raise RuntimeError(f"{qname}: weight codes outside [{qn}, {qp}]")
+    c = g.const(f"{qname}.codes", codes.astype(np.int8))
+    s = g.const(f"{qname}.scale", _scale_value(q))
+    z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
+    return c, g.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
+
+
 @dataclass
 class CodeTensor:
     """One quantized tensor of the graph: its quantizer's module name and where its codes are."""
@@ -87,17 +103,9 @@ class _Graph(GraphBuilder):
         return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
 
     def int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer) -> str:
-        if not q.signed:
-            raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
-        codes = weight_codes(weight, q).cpu().numpy()
-        qn, qp = qrange(q.bits, q.signed)
-        if codes.min() < qn or codes.max() > qp:  # cannot happen: clamp above
-            raise RuntimeError(f"{qname}: weight codes outside [{qn}, {qp}]")
-        c = self.const(f"{qname}.codes", codes.astype(np.int8))
+        c, w = dequantized_weight_codes(self, qname, weight, q)
         self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, c, initializer=True))
-        s = self.const(f"{qname}.scale", _scale_value(q))
-        z = self.const(f"{qname}.zero_point", np.array(0, np.int8))
-        return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
+        return w
 
     # ------------------------------------------------------------------ layers
     def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:

@@ -61,7 +61,7 @@ from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, QLinear
 from ..quant import LSQQuantizer, qrange
 from .graph import INPUT_NAME, GraphBuilder
-from .onnx import DEFAULT_OPSET, _check_supported, _scale_value, weight_codes
+from .onnx import DEFAULT_OPSET, _check_supported, _scale_value, dequantized_weight_codes, weight_codes
 
 MODES = ("exact", "fast")
 FLOAT_WEIGHTS = ("float", "int8")
@@ -394,12 +394,8 @@ class _IntGraph(GraphBuilder):
         1280 x classes MACs per image, too few to be worth an integer epilogue of its own."""
         x = self.dequantize(f"{name}.act_quant", self.quantize(f"{name}.act_quant", x, linear.act_quant))
         wq = linear.weight_quant
-        codes = weight_codes(linear.weight, wq).cpu().numpy().astype(np.int8)
-        w = self.const(f"{name}.weight_quant.codes", codes)
-        self.codes.append(IntCodes(f"{name}.weight_quant", "weight", wq.bits, True, w, 0, 1, []))
-        w = self.op("DequantizeLinear", [w, self.scalar(f"{name}.weight_quant.scale", float(_scale_value(wq)), np.float32),
-                                         self.scalar(f"{name}.weight_quant.zero_point", 0, np.int8)],
-                    f"{name}.weight_quant.dequantize")
+        codes, w = dequantized_weight_codes(self, f"{name}.weight_quant", linear.weight, wq)
+        self.codes.append(IntCodes(f"{name}.weight_quant", "weight", wq.bits, True, codes))
         return x, w
 
     def stem(self, layer: QConvBN, x: str) -> str:

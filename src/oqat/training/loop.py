@@ -253,8 +253,7 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
         init = load_checkpoint(cfg.init)
         # A checkpoint whose space differs only in edge_bits (e.g. a converted OFA supernet, whose
         # stem and classifier are float) starts a run that quantizes them: their steps start afresh.
-        edge_only = init.space != space and init.space.replace(edge_bits=space.edge_bits) == space
-        if init.space != space and not edge_only:
+        if init.space.replace(edge_bits=space.edge_bits) != space:
             raise CheckpointError(f"{cfg.init}: the --init checkpoint's space differs from this run's (after setting "
                                   f"classes/channels from the data): {init.space.differences(space)}")
         if init.bits not in (FULL_PRECISION, bits):
@@ -265,7 +264,7 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
             raise CheckpointError(f"{cfg.init}: its model.unsigned_activations is {init_unsigned}, this run's "
                                   f"{cfg.model.unsigned_activations}; set model.unsigned_activations to match "
                                   f"(otherwise its quantizers would compute another network)")
-        _load_init(net, init.model, edge_only, cfg.init)
+        _load_init(net, init.model, init.space != space, cfg.init)
         log.info("initialised from %s (%s-bit, step %d)", cfg.init, init.bits, init.step)
 
     if tcfg.sync_bn:
