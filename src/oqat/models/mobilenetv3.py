@@ -16,7 +16,7 @@ def _classifier(space: SearchSpace, bits: int | None, *, signed_inputs: bool, im
     """The float classifier (OQA), or a quantized one at the space's ``edge_bits``."""
     if space.edge_bits is None:
         return nn.Linear(space.feature_mix_channels, space.num_classes)
-    return QLinear(space.feature_mix_channels, space.num_classes, bits=space.edge_layer_bits(normalize_bits(bits)),
+    return QLinear(space.feature_mix_channels, space.num_classes, bits=space.edge_layer_bits(bits),
                    act_signed=signed_inputs, impl=impl)
 
 
@@ -24,7 +24,7 @@ def _stem(space: SearchSpace, bits: int | None, *, signed_inputs: bool, impl: st
     """The stem conv: full precision (OQA), or quantized at the space's ``edge_bits``; its input,
     the normalised image, is signed."""
     return QConvBN(space.in_channels, space.stem_channels, 3, space.stem_stride, act=space.stem_act,
-                   bits=space.edge_layer_bits(normalize_bits(bits)), act_signed=signed_inputs,
+                   bits=space.edge_layer_bits(bits), act_signed=signed_inputs,
                    quantize=space.edge_bits is not None, impl=impl)
 
 

@@ -332,7 +332,7 @@ class SearchSpace:
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- structure
-    def edge_layer_bits(self, bits: int) -> int:
+    def edge_layer_bits(self, bits: int | None) -> int:
         """Bits of the stem conv and the classifier in a `bits`-bit network of this space: 32 when
         the space keeps them full precision or the network is full precision, else ``edge_bits``."""
         if self.edge_bits is None or normalize_bits(bits) == FULL_PRECISION:
