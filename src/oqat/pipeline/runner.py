@@ -120,10 +120,11 @@ class Pipeline:
 
     def _run_stages(self, info: DistInfo, device: torch.device, redo_changed: bool) -> RunResult:
         ctx = StageContext(self.out, self.cfg, self.space, self.data, device, info, self.echo, self.progress)
-        changed = self.check_changes(redo_changed)
+        changed = [self.stage(name) for name in self.check_changes(redo_changed)]
+        markers = [self._marker(stage) for stage in changed]  # a collective: every rank takes part
         if info.is_main:
-            for name in changed:
-                self._discard(self.stage(name))
+            for stage, marker in zip(changed, markers):
+                self._discard(stage, marker)
             write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             write_text_atomic(self.out / RUN_FILE, json.dumps(describe_run(self, device), indent=2) + "\n")
         self._barrier()
@@ -224,9 +225,10 @@ class Pipeline:
         if self._info is not None and self._info.enabled:
             dist.barrier()
 
-    def _discard(self, stage: Stage, marker: dict | None = None) -> None:
-        """Remove what the stage wrote (its marker says what) and report what stays."""
-        marker = marker if marker is not None else self._marker(stage)
+    def _discard(self, stage: Stage, marker: dict) -> None:
+        """Remove what the stage wrote (its marker says what) and report what stays. Rank 0 alone
+        discards, so the marker is the one every rank read before (reading it here would be a
+        collective that the other ranks never join)."""
         kept = discard_outputs(self.dir(stage.name), None if marker is _DAMAGED else marker, self._keep(stage))
         kept = [f for f in kept if Path(f).name not in self._keep(stage)]
         if kept:
