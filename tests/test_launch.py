@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,49 @@ def test_each_distinct_error_line_is_printed_once(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("RANK", "1")           # a rank of torchrun: every rank says its own line
     report_error("oqat train: error: x")
     assert capsys.readouterr().err == "oqat train: error: x\n"
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of the live processes that name `path` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(path).encode() in argv:
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; parent-death signals are Linux's")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_stopping_the_launcher_stops_every_rank(tmp_path, sig):
+    """kill, timeout or a scheduler stop the launcher: no rank may keep running (and holding the
+    folder) after it, and a SIGTERM says how to continue."""
+    import signal
+    import time
+
+    from oqat.utils.files import folder_lock
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**CFG, "train": {**CFG["train"], "epochs": 100, "max_steps": 1000,
+                                                    "ckpt_every": 1}}))
+    out = tmp_path / "t"
+    env = {k: v for k, v in os.environ.items() if k != "OQAT_PROCS"}
+    proc = subprocess.Popen([sys.executable, "-m", "oqat", "train", str(cfg), "--out", str(out), "--procs", "2",
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None and (out / "checkpoints" / "last.pt").exists(), "training did not start"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    if sig == "SIGTERM":
+        assert proc.returncode == 143 and "stopped by SIGTERM; the same command with --resume continues" in err, err
+    deadline = time.monotonic() + 30
+    while _processes_naming(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(out) == []
+    with folder_lock(out, "training folder"):  # free again: the run can be resumed
+        pass

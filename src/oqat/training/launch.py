@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 SPLIT_ENV = "OQAT_SPLIT_BATCH"      # set by launch(): the configured batch is split over this many processes
@@ -120,32 +121,42 @@ def launch(argv: list[str], procs: int) -> int:
     return status
 
 
+# Signals that stop a run from outside (kill, timeout, a job scheduler, a closed terminal): the
+# launcher passes them on, so no rank keeps running, and holding the run folder, after it.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _die_with_parent() -> None:
+    """In a rank, before it execs: on Linux, a SIGTERM when the launcher dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: signals are still forwarded while the launcher lives
+        pass
+
+
 def _run_ranks(argv: list[str], procs: int, extra_env: dict[str, str]) -> int:
     env = {**os.environ, **extra_env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(procs),
            "LOCAL_WORLD_SIZE": str(procs), SPLIT_ENV: str(procs), "OMP_NUM_THREADS": "1"}
-    children = []
-    for rank in range(procs):
-        child_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        out = None if rank == 0 else subprocess.DEVNULL
-        children.append(subprocess.Popen([sys.executable, "-m", "oqat", *argv], env=child_env, stdout=out))
-    status = 0
+    children: list[subprocess.Popen] = []
+    stopped_by: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stopped_by.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python takes signals
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED} if in_main_thread else {}
     try:
-        pending = list(children)
-        while pending:
-            for child in list(pending):
-                code = child.poll()
-                if code is None:
-                    continue
-                pending.remove(child)
-                if code != 0 and status == 0:
-                    status = code
-                    for other in pending:  # one rank failed: the others would wait for it forever
-                        other.terminate()
-            if pending:
-                try:
-                    pending[0].wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    pass
+        for rank in range(procs):
+            child_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            out = None if rank == 0 else subprocess.DEVNULL
+            children.append(subprocess.Popen([sys.executable, "-m", "oqat", *argv], env=child_env, stdout=out,
+                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+        status = _wait_all(children)
     except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the children too; a kill of this process does not
         for child in children:
             try:
@@ -155,6 +166,37 @@ def _run_ranks(argv: list[str], procs: int, extra_env: dict[str, str]) -> int:
         for child in children:
             child.wait()
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        verb = next((a for a in argv if not a.startswith("-")), "")
+        again = "the same command with --resume" if verb == "train" else "the same command"
+        print(f"oqat {verb}: stopped by {signal.Signals(stopped_by[0]).name}; {again} continues from the last "
+              f"checkpoint", file=sys.stderr)
+        return 128 + stopped_by[0]
+    return status
+
+
+def _wait_all(children: list[subprocess.Popen]) -> int:
+    """Wait for every rank; the first non-zero exit status stops the others and is returned."""
+    status = 0
+    pending = list(children)
+    while pending:
+        for child in list(pending):
+            code = child.poll()
+            if code is None:
+                continue
+            pending.remove(child)
+            if code != 0 and status == 0:
+                status = code
+                for other in pending:  # one rank failed: the others would wait for it forever
+                    other.terminate()
+        if pending:
+            try:
+                pending[0].wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
     return status
 
 
