@@ -109,12 +109,10 @@ class _Graph(GraphBuilder):
 
     # ------------------------------------------------------------------ layers
     def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:
-        quantized = layer.act_quant is not None and layer.act_quant.enabled
-        if quantized:
+        if layer.quantizes_input:
             x = self.qcdq(f"{name}.act_quant", x, layer.act_quant, "activation")
-        wq = layer.weight_quant
-        if wq is not None and wq.enabled:
-            w = self.quantized_weight(name, layer.weight, wq)
+        if layer.quantizes_weight:
+            w = self.quantized_weight(name, layer.weight, layer.weight_quant)
         else:
             w = self.param(f"{name}.weight", layer.weight)
         k = int(layer.weight.shape[-1])
@@ -131,9 +129,9 @@ class _Graph(GraphBuilder):
         return self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", weight), q, "weight")
 
     def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
-        x = self.qcdq(f"{name}.act_quant", x, linear.act_quant, "activation") if linear.act_quant.enabled else x
-        wq = linear.weight_quant
-        w = self.quantized_weight(name, linear.weight, wq) if wq.enabled else self.param(f"{name}.weight", linear.weight)
+        x = self.qcdq(f"{name}.act_quant", x, linear.act_quant, "activation") if linear.quantizes_input else x
+        w = (self.quantized_weight(name, linear.weight, linear.weight_quant) if linear.quantizes_weight
+             else self.param(f"{name}.weight", linear.weight))
         return x, w
 
     def block(self, name: str, block: MBConvBlock, x: str) -> str:

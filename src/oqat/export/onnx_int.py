@@ -401,7 +401,7 @@ class _IntGraph(GraphBuilder):
     def stem(self, layer: QConvBN, x: str) -> str:
         """The stem's float output (the first block's residual adds it): a float conv (OQA), or
         on integer kernels when the space quantizes it (``edge_bits``)."""
-        if layer.act_quant is None or not layer.act_quant.enabled:
+        if not layer.quantizes_input:
             return self.float_conv("stem", layer, x)
         codes = self.quantize("stem.act_quant", x, layer.act_quant)
         return self.conv_to_float_act("stem", layer, codes, "the first block's residual adds its output")
@@ -496,7 +496,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
                 g._check_layer(f"{name}.{part}", layer)
     for name in ("final_expand", "feature_mix"):
         g._check_layer(name, getattr(sub, name))
-    if sub.stem.act_quant is not None and sub.stem.act_quant.enabled:
+    if sub.stem.quantizes_input:
         g._check_layer("stem", sub.stem)
     with torch.no_grad():
         x = g.stem(sub.stem, INPUT_NAME)

@@ -71,7 +71,7 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def _quantized_convs(sub) -> dict[str, QConvBN | QLinear]:
     """The layers whose weights are stored as codes: quantized convs, and a quantized classifier."""
     return {name: m for name, m in sub.named_modules()
-            if isinstance(m, (QConvBN, QLinear)) and m.weight_quant is not None and m.weight_quant.enabled}
+            if isinstance(m, (QConvBN, QLinear)) and m.quantizes_weight}
 
 
 def plain_permissions(path) -> None:

@@ -113,7 +113,7 @@ def count_convs(sub: nn.Module) -> tuple[int, int]:
     q = fp = 0
     for m in sub.modules():
         if isinstance(m, QConvBN):
-            if m.weight_quant is not None and m.weight_quant.enabled:
+            if m.quantizes_weight:
                 q += 1
             else:
                 fp += 1

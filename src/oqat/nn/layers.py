@@ -75,7 +75,23 @@ class SlicedBatchNorm2d(nn.BatchNorm2d):
         return bn
 
 
-class QConvBN(nn.Module):
+class _QuantizedInputAndWeight:
+    """What a layer with an input quantizer `act_quant` and a weight quantizer `weight_quant`
+    (either may be None) does now; exporters and checks ask the layer, not its quantizers."""
+
+    act_quant: LSQQuantizer | None
+    weight_quant: LSQQuantizer | None
+
+    @property
+    def quantizes_input(self) -> bool:
+        return self.act_quant is not None and self.act_quant.enabled
+
+    @property
+    def quantizes_weight(self) -> bool:
+        return self.weight_quant is not None and self.weight_quant.enabled
+
+
+class QConvBN(_QuantizedInputAndWeight, nn.Module):
     """act_quant -> conv (weight_quant on the weight slice) -> BN -> activation.
 
     ``bits=None`` or 32 keeps the quantizers as identities; ``quantize=False`` builds none (the
@@ -122,7 +138,7 @@ class QConvBN(nn.Module):
             out_channels = self.out_channels
         kernel_size = kernel_size or self.kernel_size
         weight = self.active_weight(in_channels, out_channels, kernel_size)
-        if input_act is not None and (self.act_quant is None or not self.act_quant.enabled):
+        if input_act is not None and not self.quantizes_input:
             x = apply_activation_(x, input_act)
             input_act = None
         if self.act_quant is not None:
@@ -156,7 +172,7 @@ class QConvBN(nn.Module):
         return layer
 
 
-class QLinear(nn.Module):
+class QLinear(_QuantizedInputAndWeight, nn.Module):
     """act_quant -> linear on the quantized weight, float bias: the classifier of a space with
     ``edge_bits`` (method.md: "first/last layer at 8 bit"). ``weight`` and ``bias`` keep
     nn.Linear's names, so its state-dict keys are a full-precision classifier's plus two steps."""

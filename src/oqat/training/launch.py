@@ -171,9 +171,9 @@ def _run_ranks(argv: list[str], procs: int, extra_env: dict[str, str]) -> int:
             signal.signal(sig, handler)
     if stopped_by:
         verb = next((a for a in argv if not a.startswith("-")), "")
-        again = "the same command with --resume" if verb == "train" else "the same command"
-        print(f"oqat {verb}: stopped by {signal.Signals(stopped_by[0]).name}; {again} continues from the last "
-              f"checkpoint", file=sys.stderr)
+        again = ("the same command with --resume continues from the last checkpoint" if verb == "train"
+                 else "the same command continues where it stopped")
+        print(f"oqat {verb}: stopped by {signal.Signals(stopped_by[0]).name}; {again}", file=sys.stderr)
         return 128 + stopped_by[0]
     return status
 
