@@ -123,7 +123,7 @@ def launch(argv: list[str], procs: int) -> int:
 
 # Signals that stop a run from outside (kill, timeout, a job scheduler, a closed terminal): the
 # launcher passes them on, so no rank keeps running, and holding the run folder, after it.
-FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _die_with_parent() -> None:
