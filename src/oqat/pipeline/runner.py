@@ -69,11 +69,16 @@ class Pipeline:
         return self.out / name
 
     # ------------------------------------------------------------------ status
-    def status(self) -> dict[str, str]:
+    def _markers(self) -> dict[str, dict | None]:
+        """Every stage's marker as rank 0 reads it, once each (on every rank: a collective)."""
+        return {s.name: self._marker(s) for s in self.stages}
+
+    def status(self, markers: dict[str, dict | None] | None = None) -> dict[str, str]:
         """Per stage: "done", "partial" (started, same config), "changed", "damaged" or "pending"."""
+        markers = self._markers() if markers is None else markers
         out = {}
         for s in self.stages:
-            m = self._marker(s)
+            m = markers[s.name]
             if m is None:
                 out[s.name] = "pending"
             elif m is _DAMAGED:
@@ -84,18 +89,20 @@ class Pipeline:
                 out[s.name] = "done" if m.get("status") == "complete" else "partial"
         return out
 
-    def check_changes(self, redo_changed: bool = False) -> list[str]:
-        """The stages to discard and recompute: changed or damaged ones, only with `redo_changed`."""
-        status = self.status()
+    def check_changes(self, redo_changed: bool = False) -> list[tuple[Stage, dict]]:
+        """The stages to discard and recompute, with their markers: changed or damaged ones, only
+        with `redo_changed`. Every rank calls it (the markers are read through rank 0)."""
+        markers = self._markers()
+        status = self.status(markers)
         changed = [s for s in self.stages if status[s.name] == "changed"]
         damaged = [s for s in self.stages if status[s.name] == "damaged"]
         if (changed or damaged) and not redo_changed:
-            details = [f"{s.name} ({self._marker(s).get('status', '?')} with another configuration)" for s in changed]
+            details = [f"{s.name} ({markers[s.name].get('status', '?')} with another configuration)" for s in changed]
             details += [f"{s.name} (its {s.name}/stage.json is damaged; its outputs are kept)" for s in damaged]
             raise StageMismatch(
                 f"{self.out}: stage(s) {', '.join(details)}. Rerun with --redo-changed to discard and recompute "
                 f"them (and what depends on them), restore the marker, or use another --out")
-        return [s.name for s in changed + damaged]
+        return [(s, markers[s.name]) for s in changed + damaged]
 
     # ------------------------------------------------------------------ running
     def run(self, *, redo_changed: bool = False) -> RunResult:
@@ -120,10 +127,9 @@ class Pipeline:
 
     def _run_stages(self, info: DistInfo, device: torch.device, redo_changed: bool) -> RunResult:
         ctx = StageContext(self.out, self.cfg, self.space, self.data, device, info, self.echo, self.progress)
-        changed = [self.stage(name) for name in self.check_changes(redo_changed)]
-        markers = [self._marker(stage) for stage in changed]  # a collective: every rank takes part
+        changed = self.check_changes(redo_changed)
         if info.is_main:
-            for stage, marker in zip(changed, markers):
+            for stage, marker in changed:
                 self._discard(stage, marker)
             write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             write_text_atomic(self.out / RUN_FILE, json.dumps(describe_run(self, device), indent=2) + "\n")
