@@ -1,7 +1,11 @@
 """Small pieces several test modules share: a data split as tensors, a briefly trained subnet,
-a one-step training run."""
+a one-step training run, the oqat command in a child process."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -74,3 +78,17 @@ def trained_smallest_subnet(space, bits: int, *, seed: int, steps: int, resoluti
     recalibrate_bn(sub, [resize_batch(x[i:i + 64], resolution) for i in range(0, 192, 64)])
     hx, hy = split_tensors(data.holdout)
     return sub, resize_batch(hx, resolution), hy
+
+
+def oqat_env(extra: dict | None = None) -> dict:
+    """This environment for a child oqat process, without OQAT_PROCS (the test's --procs decides)."""
+    return {k: v for k, v in {**os.environ, **(extra or {})}.items() if k != "OQAT_PROCS"}
+
+
+def oqat_command(*args) -> list[str]:
+    return [sys.executable, "-m", "oqat", *map(str, args)]
+
+
+def run_oqat(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m oqat ARGS`` in a child process, its output captured."""
+    return subprocess.run(oqat_command(*args), capture_output=True, text=True, env=oqat_env(env), timeout=timeout)

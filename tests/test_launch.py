@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import oqat_command, oqat_env, run_oqat
 
 from oqat.models import load_checkpoint
 from oqat.training.launch import (
@@ -26,12 +27,6 @@ CFG = {"space": "mbv3-tiny", "bits": 4, "data": {"name": "synthetic", "image_siz
                                                 "synthetic_size": 160},
        "train": {"epochs": 1, "max_steps": 3, "batch_size": 16, "lr": 0.05, "num_random": 1, "log_every": 1,
                  "eval_images": 0, "seed": 3, "device": "cpu"}}
-
-
-def _oqat(*args, env=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "OQAT_PROCS"}
-    return subprocess.run([sys.executable, "-m", "oqat", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=600)
 
 
 def _weights(path):
@@ -58,7 +53,7 @@ def test_choice_of_the_process_count(monkeypatch):
 def test_two_processes_equal_torchrun_with_half_the_batch(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
-    own = _oqat("train", cfg, "--out", tmp_path / "own", "--procs", "2", "--no-progress")
+    own = run_oqat("train", cfg, "--out", tmp_path / "own", "--procs", "2", "--no-progress")
     assert own.returncode == 0, own.stderr
     ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "oqat", "train", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress",
@@ -67,7 +62,7 @@ def test_two_processes_equal_torchrun_with_half_the_batch(tmp_path):
     assert ref.returncode == 0, ref.stderr
     a, b = _weights(tmp_path / "own" / "final.pt"), _weights(tmp_path / "ref" / "final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    again = _oqat("train", cfg, "--out", tmp_path / "again", "--procs", "2", "--no-progress")
+    again = run_oqat("train", cfg, "--out", tmp_path / "again", "--procs", "2", "--no-progress")
     assert again.returncode == 0
     c = _weights(tmp_path / "again" / "final.pt")
     assert all(torch.equal(a[k], c[k]) for k in a)          # deterministic
@@ -77,7 +72,7 @@ def test_two_processes_equal_torchrun_with_half_the_batch(tmp_path):
 def test_a_failing_rank_fails_the_run(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({**CFG, "train": {**CFG["train"], "batch_size": 15}}))
-    proc = _oqat("train", cfg, "--out", tmp_path / "t", "--procs", "2", "--no-progress")
+    proc = run_oqat("train", cfg, "--out", tmp_path / "t", "--procs", "2", "--no-progress")
     assert proc.returncode == 2 and "does not split evenly over 2 processes" in proc.stderr
     assert proc.stderr.count("does not split evenly") == 1, proc.stderr   # both ranks failed, one line said it
 
@@ -125,9 +120,8 @@ def test_stopping_the_launcher_stops_every_rank(tmp_path, sig):
     cfg.write_text(yaml.safe_dump({**CFG, "train": {**CFG["train"], "epochs": 100, "max_steps": 1000,
                                                     "ckpt_every": 1}}))
     out = tmp_path / "t"
-    env = {k: v for k, v in os.environ.items() if k != "OQAT_PROCS"}
-    proc = subprocess.Popen([sys.executable, "-m", "oqat", "train", str(cfg), "--out", str(out), "--procs", "2",
-                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(oqat_command("train", cfg, "--out", out, "--procs", "2", "--no-progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=oqat_env())
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

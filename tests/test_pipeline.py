@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_oqat
 
 from oqat import Arch
 from oqat.data import DataConfig
@@ -239,16 +240,10 @@ def test_two_processes_redo_changed_stages(done_run, tmp_path):
     """--redo-changed with oqat's own two processes: rank 0 discards the changed stages with the
     markers both ranks read (reading them on rank 0 alone was a collective the other rank never
     joined, and the run hung before its first banner)."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
     shutil.copytree(done_run[0], out)
-    env = {k: v for k, v in os.environ.items() if k != "OQAT_PROCS"}
-    cmd = [sys.executable, "-m", "oqat", "run", str(CI), "--out", str(out), "--no-progress", "--procs", "2",
-           "--redo-changed", "--set", "stages.search.population=4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = run_oqat("run", CI, "--out", out, "--no-progress", "--procs", "2", "--redo-changed",
+                    "--set", "stages.search.population=4", timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "4 stage(s) run, 5 skipped" in proc.stdout
     assert read_marker(out / "search-4bit")["spec"]["population"] == 4
