@@ -1,4 +1,4 @@
-"""Does OpenVINO compute a single QCDQ int8 convolution exactly on this CPU? (issue 12)
+"""Does OpenVINO compute a single QCDQ int8 conv or Gemm exactly on this CPU? (issue 12)
 
     .venv/bin/python benchmarks/probe_openvino_conv.py
 
@@ -8,7 +8,7 @@ against the exact integer convolution of the same codes (float64). Prints, per c
 error in units of one code product, the share of outputs off by more than half a product, and
 the error against the conv with halved weight codes ``round(c / 2) * 2``: zero there means the
 engine halved the codes (oneDNN without VNNI, for signed inputs and kernels over 1x1). The
-``split`` rows are the exporter's even/odd form (``oqat.export.onnx.split_weight_codes``).
+``split`` rows are the exporter's even/odd form (``oqat.export.code_split.EVEN_ODD``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
+from oqat.export.code_split import EVEN_ODD, INNER_OUTER, CodeSplit
 from oqat.export.deployment import cpu_isa
-from oqat.export.onnx import split_weight_codes
 
-X_SCALE, W_SCALE, SIZE = 0.02, 0.01, 14
-# (input channels, kernel, groups, signed input, input bits, weight bits, even/odd split)
-CASES = [(3, 3, 1, True, 8, 8, False), (3, 3, 1, True, 8, 8, True), (16, 3, 1, True, 4, 4, False),
-         (16, 3, 1, True, 4, 4, True), (16, 3, 16, True, 4, 4, False), (16, 3, 16, True, 4, 4, True),
-         (16, 1, 1, True, 8, 8, False), (16, 3, 1, False, 8, 7, False), (16, 3, 1, False, 8, 8, False),
-         (16, 3, 16, False, 4, 4, False)]
+X_SCALE, W_SCALE, SIZE, FEATURES = 0.02, 0.01, 14, 256
+# (input channels, kernel (0: Gemm), groups, signed input, input bits, weight bits, split)
+CASES = [(3, 3, 1, True, 8, 8, None), (3, 3, 1, True, 8, 8, EVEN_ODD), (16, 3, 1, True, 4, 4, None),
+         (16, 3, 1, True, 4, 4, EVEN_ODD), (16, 3, 16, True, 4, 4, None), (16, 3, 16, True, 4, 4, EVEN_ODD),
+         (16, 1, 1, True, 8, 8, None), (16, 3, 1, False, 8, 7, None), (16, 3, 1, False, 8, 8, None),
+         (16, 3, 16, False, 4, 4, None), (FEATURES, 0, 1, False, 8, 8, None), (FEATURES, 0, 1, False, 8, 8, INNER_OUTER)]
 
 
-def _file(cin: int, k: int, groups: int, signed: bool, in_bits: int, codes: np.ndarray, split: bool) -> bytes:
+def _file(shape: tuple, k: int, groups: int, signed: bool, in_bits: int, codes: np.ndarray,
+          split: CodeSplit | None) -> bytes:
     qn, qp = (-(2 ** (in_bits - 1)), 2 ** (in_bits - 1) - 1) if signed else (0, 2 ** in_bits - 1)
     dt = np.int8 if signed else np.uint8
     inits = [nh.from_array(np.array(X_SCALE, np.float32), "xs"), nh.from_array(np.array(0, dt), "xz"),
@@ -37,18 +38,19 @@ def _file(cin: int, k: int, groups: int, signed: bool, in_bits: int, codes: np.n
              nh.from_array(np.array(0, np.int8), "wz")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), helper.make_node("Clip", ["xq", "lo", "hi"], ["xc"]),
              helper.make_node("DequantizeLinear", ["xc", "xs", "xz"], ["xd"])]
-    parts = zip(split_weight_codes(codes), (W_SCALE, W_SCALE / 2)) if split else [(codes, W_SCALE)]
+    parts = zip(split.split(codes), (W_SCALE, W_SCALE * split.second_scale)) if split else [(codes, W_SCALE)]
     outs = []
     for i, (part, scale) in enumerate(parts):
         inits += [nh.from_array(part.astype(np.int8), f"w{i}"), nh.from_array(np.array(scale, np.float32), f"ws{i}")]
-        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"ws{i}", "wz"], [f"wd{i}"]),
-                  helper.make_node("Conv", ["xd", f"wd{i}"], [f"y{i}"], kernel_shape=[k, k], pads=[k // 2] * 4, group=groups)]
+        layer = (helper.make_node("Gemm", ["xd", f"wd{i}"], [f"y{i}"], transB=1) if k == 0 else
+                 helper.make_node("Conv", ["xd", f"wd{i}"], [f"y{i}"], kernel_shape=[k, k], pads=[k // 2] * 4, group=groups))
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"ws{i}", "wz"], [f"wd{i}"]), layer]
         outs.append(f"y{i}")
     if len(outs) > 1:
         nodes.append(helper.make_node("Add", outs, ["y"]))
     else:
         nodes[-1].output[0] = "y"
-    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, SIZE, SIZE])],
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -65,23 +67,26 @@ def main() -> None:
     print("|---|---:|---:|---|---|---:|---:|---:|")
     for cin, k, groups, signed, in_bits, w_bits, split in CASES:
         rng = np.random.default_rng(0)
-        codes = rng.integers(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), size=(16, cin // groups, k, k))
-        x = rng.normal(0, 0.1 * 2 ** (in_bits - 4), size=(2, cin, SIZE, SIZE)).astype(np.float32)
+        shape = (2, cin, SIZE, SIZE) if k else (8, cin)
+        codes = rng.integers(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), size=(16, cin // groups, k, k) if k else (16, cin))
+        x = rng.normal(0, 0.1 * 2 ** (in_bits - 4), size=shape).astype(np.float32)
         x = x if signed else np.abs(x)
         qn, qp = (-(2 ** (in_bits - 1)), 2 ** (in_bits - 1) - 1) if signed else (0, 2 ** in_bits - 1)
         xc = torch.tensor(np.clip(np.round(x / np.float32(X_SCALE)), qn, qp), dtype=torch.float64)
 
-        def conv(w: np.ndarray) -> np.ndarray:
-            return torch.nn.functional.conv2d(xc, torch.tensor(w, dtype=torch.float64), padding=k // 2, groups=groups).numpy()
+        def layer(w: np.ndarray) -> np.ndarray:
+            w = torch.tensor(w, dtype=torch.float64)
+            return (xc @ w.T if k == 0 else torch.nn.functional.conv2d(xc, w, padding=k // 2, groups=groups)).numpy()
 
-        data = _file(cin, k, groups, signed, in_bits, codes, split)
+        data = _file(shape, k, groups, signed, in_bits, codes, split)
         compiled = core.compile_model(core.read_model(data, b""), "CPU", {"INFERENCE_NUM_THREADS": 1,
                                                                          "INFERENCE_PRECISION_HINT": "f32"})
         out = next(iter(compiled({"x": x}).values())) / (X_SCALE * W_SCALE)
-        err = np.abs(out - conv(codes))
-        halved = np.abs(out - conv(2 * np.round(codes / 2))).max()
-        print(f"| {'signed' if signed else 'unsigned'} x {cin} | {k}x{k} | {groups} | {in_bits} / {w_bits} | "
-              f"{'yes' if split else 'no'} | {err.max():.2f} | {100 * (err > 0.5).mean():.1f}% | {halved:.2f} |")
+        err = np.abs(out - layer(codes))
+        halved = np.abs(out - layer(2 * np.round(codes / 2))).max()
+        name = {None: "no", EVEN_ODD: "even/odd", INNER_OUTER: "inner/outer"}[split]
+        print(f"| {'signed' if signed else 'unsigned'} x {cin} | {f'{k}x{k}' if k else 'fc'} | {groups} | {in_bits} / {w_bits} | "
+              f"{name} | {err.max():.2f} | {100 * (err > 0.5).mean():.1f}% | {halved:.2f} |")
 
 
 if __name__ == "__main__":

@@ -4,17 +4,21 @@ export form and the interop layouts that cannot hold it."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from helpers import one_step_config, train_config, trained_smallest_subnet
 
 from oqat import SearchSpace, build_supernet, inherit_bits
 from oqat.export import ExportedModel, export_subnet
+from oqat.export.code_split import EVEN_ODD, INNER_OUTER, PAIR_LIMIT, joined_codes, split_for
 from oqat.export.meta import FORMAT
-from oqat.export.onnx import build_onnx, join_weight_codes, split_weight_codes
+from oqat.export.onnx import build_onnx
 from oqat.export.onnx_int import build_onnx_int
 from oqat.export.packed import load_packed, save_packed
 from oqat.export.verify import VerificationData, torch_forward, verify_onnx
@@ -161,27 +165,60 @@ def test_qcdq_file_holds_the_edge_codes_and_verifies(weights):
     assert rep.max_code_diff == 0 and {"stem.act_quant", "classifier.act_quant"} <= {t.name for t in rep.tensors}
 
 
-def test_split_weight_codes_are_even_int8_and_add_up_to_every_8_bit_code():
+@pytest.mark.parametrize("split", (EVEN_ODD, INNER_OUTER), ids=("even-odd", "inner-outer"))
+def test_code_splits_add_up_to_every_8_bit_code_in_parts_an_avx2_engine_computes_exactly(split):
     codes = np.arange(-128, 128)
-    even, odd = split_weight_codes(codes)
-    assert (even % 2 == 0).all() and set(np.unique(odd)) == {0, 2}
-    assert even.min() >= -128 and even.max() <= 126                  # int8 containers
-    assert np.array_equal(even + odd / 2, codes) and np.array_equal(join_weight_codes(even, odd), codes)
-    halved = 2 * np.round(even / 2), 2 * np.round(odd / 2)           # what OpenVINO does without VNNI
-    assert np.array_equal(halved[0], even) and np.array_equal(halved[1], odd)
+    first, second = split.split(codes)
+    assert np.array_equal(first + second * split.second_scale, codes)
+    assert np.array_equal(split.join(first.astype(np.int8), second.astype(np.int8)), codes)
+    for part in (first, second):
+        assert part.min() >= -128 and part.max() <= 127                 # int8 containers
+        used = np.round(part / 2) if split is EVEN_ODD else part         # OpenVINO halves signed-input kernels
+        assert np.array_equal(used * (2 if split is EVEN_ODD else 1), part)  # ... exactly: even codes
+        assert np.abs(used).max() <= PAIR_LIMIT                          # and no int16 saturation with uint8
+    assert joined_codes({"w.codes_even": first, "w.codes_odd": second} if split is EVEN_ODD
+                        else {"w.codes_inner": first, "w.codes_outer": second}).keys() == {"w"}
 
 
-def test_int8_qcdq_file_writes_the_signed_input_stem_as_even_and_odd_convs():
+def test_only_signed_windows_and_wide_linear_codes_are_split():
+    assert split_for(signed_input=True, kernel=3, max_code=7) is EVEN_ODD
+    assert split_for(signed_input=True, kernel=1, max_code=7) is None        # 1x1: not halved
+    assert split_for(signed_input=False, kernel=3, max_code=127) is None     # 8-bit networks' convs: one conv
+    assert split_for(signed_input=False, kernel=1, max_code=127, linear=True) is INNER_OUTER
+    assert split_for(signed_input=False, kernel=1, max_code=63, linear=True) is None     # 7-bit edges
+
+
+def test_int8_qcdq_file_writes_the_stem_in_two_parts_and_every_other_layer_in_one():
     sub, x, y = _trained()
     model, _ = build_onnx(sub, weights="int8")
-    stem = [n for n in model.graph.node if n.name.startswith("stem.conv")]
-    assert sorted(n.op_type for n in stem) == ["Add", "Conv", "Conv"]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert [ops[k] for k in ("stem.conv.0", "stem.conv.1", "stem.conv")] == ["Conv", "Conv", "Add"]
+    assert ops["classifier"] == "Gemm"                   # its trained codes lie within +-64
     inits = {i.name for i in model.graph.initializer}
-    assert {"stem.weight_quant.codes_even", "stem.weight_quant.codes_odd"} <= inits
+    assert {"stem.weight_quant.codes_even", "stem.weight_quant.codes_odd", "classifier.weight_quant.codes"} <= inits
     assert "stem.weight_quant.codes" not in inits
-    # every other conv (1x1 or an unsigned input) keeps one conv on the trained codes
-    assert sum(n.op_type == "Conv" for n in model.graph.node) == 1 + sum(
-        n.op_type == "Conv" for n in build_onnx(sub, weights="float")[0].graph.node)
+    plain = build_onnx(sub, weights="float")[0]
+    assert sum(n.op_type == "Conv" for n in model.graph.node) == 1 + sum(n.op_type == "Conv" for n in plain.graph.node)
+    rep = verify_onnx(model, sub, x, labels=y, progress=False)       # the parts join back into the codes
+    assert rep.ok and rep.max_code_diff == 0 and "stem.weight_quant" in {t.name for t in rep.tensors}
+
+
+def test_a_classifier_with_codes_beyond_64_is_two_gemms_on_the_same_codes():
+    sub, x, y = _trained()
+    sub = copy.deepcopy(sub)
+    q = sub.classifier.weight_quant
+    with torch.no_grad():
+        sub.classifier.weight[0, :5] = 200 * q.effective_step()          # codes clamp to 127
+        sub.classifier.weight[1, :5] = -200 * q.effective_step()         # and to -128
+    model, _ = build_onnx(sub, weights="int8")
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert [ops[k] for k in ("classifier.0", "classifier.1", "classifier")] == ["Gemm", "Gemm", "Add"]
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert np.abs(arrays["classifier.weight_quant.codes_inner"]).max() == PAIR_LIMIT
+    codes = joined_codes(arrays)["classifier.weight_quant"]
+    assert codes.min() == -128 and codes.max() == 127
+    rep = verify_onnx(model, sub, x, labels=y, progress=False)
+    assert rep.ok and rep.max_code_diff == 0
 
 
 def test_openvino_runs_the_edge_stem_in_int8_with_the_subnets_answers(tmp_path):

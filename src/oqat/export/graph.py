@@ -80,16 +80,22 @@ class GraphBuilder:
         its input and weight, written by the form's :meth:`quantized_linear_inputs`."""
         x = self.op("Flatten", [x], "flatten", axis=1)
         if isinstance(linear, QLinear):
-            x, w = self.quantized_linear_inputs("classifier", linear, x)
+            x, weights = self.quantized_linear_inputs("classifier", linear, x)
         else:
-            w = self.fp_weight("classifier.weight", linear.weight)
+            weights = (self.fp_weight("classifier.weight", linear.weight),)
+        bias = self.param("classifier.bias", linear.bias)
         out = self._new(OUTPUT_NAME)
-        self.nodes.append(helper.make_node(
-            "Gemm", [x, w, self.param("classifier.bias", linear.bias)], [out], name="classifier", transB=1))
+        if len(weights) == 1:
+            self.nodes.append(helper.make_node("Gemm", [x, weights[0], bias], [out], name="classifier", transB=1))
+        else:                           # the weight in parts (QCDQ form, code_split): Gemms added up
+            parts = [self.op("Gemm", [x, w] + ([bias] if i == 0 else []), f"classifier.{i}", transB=1)
+                     for i, w in enumerate(weights)]
+            self.nodes.append(helper.make_node("Add", parts, [out], name="classifier"))
         return out
 
-    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
-        """The (float) input and weight of a quantized linear layer's Gemm, as each form writes them."""
+    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, tuple[str, ...]]:
+        """The (float) input and the weight(s) of a quantized linear layer's Gemm, as each form
+        writes them; several weights are parts whose Gemms add up."""
         raise NotImplementedError(f"export: {type(self).__name__} does not write quantized linear layers")
 
     def model(self, sub, *, name: str, doc: str, opset: int, props: dict | None = None,

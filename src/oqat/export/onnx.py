@@ -18,12 +18,11 @@ torch.onnx exporter in use.
 ``weights="int8"`` stores the weight codes themselves as int8 initializers followed by
 ``DequantizeLinear`` (about 4x smaller files; the codes are checked to lie in the b-bit range).
 
-A conv whose input is signed and whose kernel is larger than 1x1 (the stem with ``edge_bits``)
-is written as two convs on the same input, one with the even part of the codes and one with the
-odd remainder at half the scale, both even codes (:func:`split_weight_codes`). OpenVINO on CPUs
-without VNNI halves the weight codes of such a conv (oneDNN's guard against 16-bit saturation
-of ``vpmaddubsw``), which is exact only for even codes; one conv with odd codes lost 17-49 points
-of top-1 agreement there (docs/export.md).
+The stem of an ``edge_bits`` space (a signed input, a 3x3 kernel), and its 8-bit classifier where
+a trained code lies beyond +-64, are each written as two layers on the same input, on two int8
+parts of the codes, plus an ``Add`` (:mod:`.code_split`): OpenVINO on CPUs without VNNI halves
+the codes of the first kind and saturates int16 on such codes, and lost 17-49 points of top-1
+agreement on the stem alone.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from ..models import SubNet
 from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, QLinear, SqueezeExcite
 from ..quant import LSQQuantizer, qrange
+from .code_split import CodeSplit, split_for
 from .graph import INPUT_NAME, GraphBuilder
 from .meta import check_initialized, from_string_map
 
@@ -74,22 +74,6 @@ def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, 
     s = g.const(f"{qname}.scale", _scale_value(q))
     z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
     return c, g.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
-
-
-EVEN_SUFFIX, ODD_SUFFIX = ".codes_even", ".codes_odd"
-
-
-def split_weight_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Codes ``c`` as ``even + odd / 2`` with both parts even: ``even = 2 floor(c / 2)`` (at the
-    weight's scale) and ``odd = 2 (c mod 2)`` in {0, 2} (at half the scale); an engine that
-    halves the codes computes both exactly. Both fit int8 for any b <= 8."""
-    even = 2 * np.floor_divide(codes, 2)
-    return even, 2 * (codes - even)
-
-
-def join_weight_codes(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
-    """The codes that :func:`split_weight_codes` split."""
-    return even.astype(np.int16) + odd.astype(np.int16) // 2
 
 
 @dataclass
@@ -130,57 +114,55 @@ class _Graph(GraphBuilder):
         self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, c, initializer=True))
         return w
 
-    def split_int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer) -> tuple[str, str]:
-        """The weight as its even and odd parts (:func:`split_weight_codes`), each an int8
-        initializer with its ``DequantizeLinear``: two weights whose convs add up to the conv."""
+    def split_int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer, split: CodeSplit) -> tuple[str, ...]:
+        """The weight as the two int8 parts of ``split``, each with its ``DequantizeLinear``:
+        two weights whose layers add up to the layer on the trained codes."""
         if not q.signed:
             raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
-        even, odd = split_weight_codes(weight_codes(weight, q).cpu().numpy().astype(np.int16))
+        parts = split.split(weight_codes(weight, q).cpu().numpy().astype(np.int16))
         z = self.const(f"{qname}.zero_point", np.array(0, np.int8))
         step = _scale_value(q)
         weights = []
-        for suffix, part, scale in ((EVEN_SUFFIX, even, step), (ODD_SUFFIX, odd, np.float32(step / 2))):
+        for suffix, part, scale in zip(split.suffixes, parts, (step, np.float32(step * split.second_scale))):
             c = self.const(f"{qname}{suffix}", part.astype(np.int8))
             s = self.const(f"{qname}{suffix}.scale", scale)
             weights.append(self.op("DequantizeLinear", [c, s, z], f"{qname}{suffix}.dequantize"))
-        self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, f"{qname}{EVEN_SUFFIX}", initializer=True))
-        return weights[0], weights[1]
+        self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, f"{qname}{split.suffixes[0]}", initializer=True))
+        return tuple(weights)
+
+    def layer_weights(self, name: str, layer: QConvBN | QLinear, kernel: int = 1) -> tuple[str, ...]:
+        """The weight tensor(s) of a conv or linear layer: float, QCDQ, int8 codes, or two int8
+        parts where :func:`.code_split.split_for` asks for them."""
+        if not layer.quantizes_weight:
+            return (self.param(f"{name}.weight", layer.weight),)
+        q = layer.weight_quant
+        split = split_for(signed_input=layer.quantizes_input and layer.act_quant.signed, kernel=kernel,
+                          max_code=int(weight_codes(layer.weight, q).abs().max()),
+                          linear=isinstance(layer, QLinear)) if self.weights == "int8" else None
+        if split is not None:
+            return self.split_int_weight(f"{name}.weight_quant", layer.weight, q, split)
+        if self.weights == "int8":
+            return (self.int_weight(f"{name}.weight_quant", layer.weight, q),)
+        return (self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", layer.weight), q, "weight"),)
 
     # ------------------------------------------------------------------ layers
     def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:
         if layer.quantizes_input:
             x = self.qcdq(f"{name}.act_quant", x, layer.act_quant, "activation")
         k = int(layer.weight.shape[-1])
-        if self._needs_even_codes(layer, k):
-            weights = self.split_int_weight(f"{name}.weight_quant", layer.weight, layer.weight_quant)
-        elif layer.quantizes_weight:
-            weights = (self.quantized_weight(name, layer.weight, layer.weight_quant),)
-        else:
-            weights = (self.param(f"{name}.weight", layer.weight),)
+        weights = self.layer_weights(name, layer, k)
         groups = int(layer.weight.shape[0]) if layer.depthwise else 1
-        convs = [self.op("Conv", [x, w], f"{name}.conv" + (f".{part}" if len(weights) > 1 else ""),
+        convs = [self.op("Conv", [x, w], f"{name}.conv" + (f".{i}" if len(weights) > 1 else ""),
                          kernel_shape=[k, k], strides=[layer.stride] * 2, pads=[k // 2] * 4, group=groups)
-                 for part, w in zip(("even", "odd"), weights)]
+                 for i, w in enumerate(weights)]
         y = convs[0] if len(convs) == 1 else self.op("Add", convs, f"{name}.conv")
         if layer.bn is not None:
             y = self.batchnorm(name, layer.bn, y)
         return self.activation(name, layer.act, y)
 
-    def _needs_even_codes(self, layer: QConvBN, kernel: int) -> bool:
-        """An int8-weight conv with a signed input and a kernel over 1x1: see the module doc."""
-        return (self.weights == "int8" and kernel > 1 and layer.quantizes_input and layer.quantizes_weight
-                and layer.act_quant.signed)
-
-    def quantized_weight(self, name: str, weight: torch.Tensor, q: LSQQuantizer) -> str:
-        if self.weights == "int8":
-            return self.int_weight(f"{name}.weight_quant", weight, q)
-        return self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", weight), q, "weight")
-
-    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
+    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, tuple[str, ...]]:
         x = self.qcdq(f"{name}.act_quant", x, linear.act_quant, "activation") if linear.quantizes_input else x
-        w = (self.quantized_weight(name, linear.weight, linear.weight_quant) if linear.quantizes_weight
-             else self.param(f"{name}.weight", linear.weight))
-        return x, w
+        return x, self.layer_weights(name, linear)
 
     def block(self, name: str, block: MBConvBlock, x: str) -> str:
         y = x if block.expand is None else self.qconvbn(f"{name}.expand", block.expand, x)

@@ -388,7 +388,7 @@ class _IntGraph(GraphBuilder):
         return self.dequantize(name, _Q(y, t, zp))
 
     # -------------------------------------------------------------- edge layers
-    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, str]:
+    def quantized_linear_inputs(self, name: str, linear: QLinear, x: str) -> tuple[str, tuple[str, ...]]:
         """A quantized classifier (the space's ``edge_bits``): its input codes (uint8) and int8
         weight codes, each dequantized into a float Gemm (onnxruntime may fuse them into QGemm):
         1280 x classes MACs per image, too few to be worth an integer epilogue of its own."""
@@ -396,7 +396,7 @@ class _IntGraph(GraphBuilder):
         wq = linear.weight_quant
         codes, w = dequantized_weight_codes(self, f"{name}.weight_quant", linear.weight, wq)
         self.codes.append(IntCodes(f"{name}.weight_quant", "weight", wq.bits, True, codes))
-        return x, w
+        return x, (w,)
 
     def stem(self, layer: QConvBN, x: str) -> str:
         """The stem's float output (the first block's residual adds it): a float conv (OQA), or

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..quant import LSQQuantizer
+from .code_split import joined_codes
 from .graph import INPUT_NAME, OUTPUT_NAME
 from .inputs import VerificationData, random_inputs, verification_inputs
-from .onnx import EVEN_SUFFIX, ODD_SUFFIX, join_weight_codes
 from .report import MAX_CODE_DIFF, MAX_CODE_SHARE, MAX_TOP1_GAP, MIN_TOP1, TensorCheck, VerificationError, VerifyReport
 
 
@@ -230,8 +230,7 @@ def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
                 m.graph.output.append(onnx.ValueInfoProto(name=tensor))
     arrays = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     inits = {name[: -len(".codes")]: a for name, a in arrays.items() if name.endswith(".codes")}
-    inits.update({name[: -len(EVEN_SUFFIX)]: join_weight_codes(a, arrays[name[: -len(EVEN_SUFFIX)] + ODD_SUFFIX])
-                  for name, a in arrays.items() if name.endswith(EVEN_SUFFIX)})
+    inits.update(joined_codes(arrays))
     return m, outputs, inits
 
 
