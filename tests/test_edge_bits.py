@@ -219,6 +219,13 @@ def test_a_classifier_with_codes_beyond_64_is_two_gemms_on_the_same_codes():
     assert codes.min() == -128 and codes.max() == 127
     rep = verify_onnx(model, sub, x, labels=y, progress=False)
     assert rep.ok and rep.max_code_diff == 0
+    # the integer form's classifier too (onnxruntime fuses it into a QGemm, which saturates alike)
+    model, codes, _ = build_onnx_int(sub, mode="exact")
+    assert [c.split for c in codes if c.name == "classifier.weight_quant"] == ["inner_outer"]
+    assert sum(n.op_type == "Gemm" for n in model.graph.node) == 2
+    rep = verify_onnx_int(model, sub, x, labels=y, progress=False)
+    assert rep.ok, rep.summary()
+    assert "classifier.weight_quant" in {t.name for t in rep.tensors}
 
 
 def test_openvino_runs_the_edge_stem_in_int8_with_the_subnets_answers(tmp_path):

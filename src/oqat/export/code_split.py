@@ -4,7 +4,7 @@ for layers that OpenVINO computes wrongly on x86 CPUs without VNNI (docs/export.
 There oneDNN multiplies uint8 inputs (signed inputs shifted by 128) by int8 weights in pairs
 summed in int16 (``vpmaddubsw``), which saturates unless ``2 * 255 * |w| <= 32767``, i.e.
 ``|w| <= 64``; and for a signed input and a kernel over 1x1 it first halves the weight codes,
-``round(c / 2) * 2``, exact only for even codes (``benchmarks/probe_openvino_conv.py``). Each
+``round(c / 2) * 2``, exact only for even codes (``benchmarks/probe_int8_layers.py``). Each
 split below makes both parts exact there; on every other engine the two layers and their ``Add``
 compute the same sum. Only the ``edge_bits`` layers can need one (the stem: a signed image input
 and a 3x3 kernel; the classifier: 8-bit weights, split only where a trained code lies beyond
@@ -25,6 +25,7 @@ PAIR_LIMIT = 64        # the largest |code| whose products with uint8 pairs fit 
 class CodeSplit:
     """How to write codes ``c`` as ``first + second * second_scale`` (both int8)."""
 
+    name: str                          # recorded in the integer form's metadata
     suffixes: tuple[str, str]          # initializer names: "<quantizer>" + suffix
     second_scale: float                # the second part's scale over the weight's step
     split: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -46,10 +47,11 @@ def _inner_outer(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 #: ``2 floor(c/2)`` and ``2 (c mod 2)`` in {0, 2} at half the step: both even, so halving is
 #: exact, and halved both lie within +-64. For signed inputs with kernels over 1x1.
-EVEN_ODD = CodeSplit((".codes_even", ".codes_odd"), 0.5, _even_odd)
+EVEN_ODD = CodeSplit("even_odd", (".codes_even", ".codes_odd"), 0.5, _even_odd)
 #: ``clip(c, -64, 64)`` and the rest in [-64, 63]: for 8-bit weights on an unhalved layer.
-INNER_OUTER = CodeSplit((".codes_inner", ".codes_outer"), 1.0, _inner_outer)
+INNER_OUTER = CodeSplit("inner_outer", (".codes_inner", ".codes_outer"), 1.0, _inner_outer)
 SPLITS = (EVEN_ODD, INNER_OUTER)
+SPLITS_BY_NAME = {s.name: s for s in SPLITS}
 
 
 def split_for(*, signed_input: bool, kernel: int, max_code: int, linear: bool = False) -> CodeSplit | None:
@@ -76,4 +78,4 @@ def joined_codes(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-__all__ = ["EVEN_ODD", "INNER_OUTER", "PAIR_LIMIT", "SPLITS", "CodeSplit", "joined_codes", "split_for"]
+__all__ = ["EVEN_ODD", "INNER_OUTER", "PAIR_LIMIT", "SPLITS", "SPLITS_BY_NAME", "CodeSplit", "joined_codes", "split_for"]

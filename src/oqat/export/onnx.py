@@ -76,6 +76,30 @@ def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, 
     return c, g.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
 
 
+def dequantized_weight_parts(g: GraphBuilder, qname: str, weight: torch.Tensor, q: LSQQuantizer,
+                             split: CodeSplit) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A weight's trained codes as the two int8 parts of ``split`` (initializers
+    ``<qname><suffix>``), each with its ``DequantizeLinear``: (parts, dequantized weights), two
+    weights whose layers add up to the layer on the codes. Both ONNX forms use it."""
+    if not q.signed:
+        raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
+    parts = split.split(weight_codes(weight, q).cpu().numpy().astype(np.int16))
+    z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
+    step = _scale_value(q)
+    codes, weights = [], []
+    for suffix, part, scale in zip(split.suffixes, parts, (step, np.float32(step * split.second_scale))):
+        codes.append(g.const(f"{qname}{suffix}", part.astype(np.int8)))
+        s = g.const(f"{qname}{suffix}.scale", scale)
+        weights.append(g.op("DequantizeLinear", [codes[-1], s, z], f"{qname}{suffix}.dequantize"))
+    return (codes[0], codes[1]), (weights[0], weights[1])
+
+
+def linear_split(linear: QLinear) -> CodeSplit | None:
+    """The split an int8-weight quantized linear layer needs (:func:`.code_split.split_for`)."""
+    return split_for(signed_input=linear.quantizes_input and linear.act_quant.signed, kernel=1,
+                     max_code=int(weight_codes(linear.weight, linear.weight_quant).abs().max()), linear=True)
+
+
 @dataclass
 class CodeTensor:
     """One quantized tensor of the graph: its quantizer's module name and where its codes are."""
@@ -115,20 +139,9 @@ class _Graph(GraphBuilder):
         return w
 
     def split_int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer, split: CodeSplit) -> tuple[str, ...]:
-        """The weight as the two int8 parts of ``split``, each with its ``DequantizeLinear``:
-        two weights whose layers add up to the layer on the trained codes."""
-        if not q.signed:
-            raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
-        parts = split.split(weight_codes(weight, q).cpu().numpy().astype(np.int16))
-        z = self.const(f"{qname}.zero_point", np.array(0, np.int8))
-        step = _scale_value(q)
-        weights = []
-        for suffix, part, scale in zip(split.suffixes, parts, (step, np.float32(step * split.second_scale))):
-            c = self.const(f"{qname}{suffix}", part.astype(np.int8))
-            s = self.const(f"{qname}{suffix}.scale", scale)
-            weights.append(self.op("DequantizeLinear", [c, s, z], f"{qname}{suffix}.dequantize"))
+        _, weights = dequantized_weight_parts(self, qname, weight, q, split)
         self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, f"{qname}{split.suffixes[0]}", initializer=True))
-        return tuple(weights)
+        return weights
 
     def layer_weights(self, name: str, layer: QConvBN | QLinear, kernel: int = 1) -> tuple[str, ...]:
         """The weight tensor(s) of a conv or linear layer: float, QCDQ, int8 codes, or two int8
@@ -136,9 +149,11 @@ class _Graph(GraphBuilder):
         if not layer.quantizes_weight:
             return (self.param(f"{name}.weight", layer.weight),)
         q = layer.weight_quant
-        split = split_for(signed_input=layer.quantizes_input and layer.act_quant.signed, kernel=kernel,
-                          max_code=int(weight_codes(layer.weight, q).abs().max()),
-                          linear=isinstance(layer, QLinear)) if self.weights == "int8" else None
+        split = None
+        if self.weights == "int8":
+            split = linear_split(layer) if isinstance(layer, QLinear) else split_for(
+                signed_input=layer.quantizes_input and layer.act_quant.signed, kernel=kernel,
+                max_code=int(weight_codes(layer.weight, q).abs().max()))
         if split is not None:
             return self.split_int_weight(f"{name}.weight_quant", layer.weight, q, split)
         if self.weights == "int8":

@@ -61,7 +61,15 @@ from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, QLinear
 from ..quant import LSQQuantizer, qrange
 from .graph import INPUT_NAME, GraphBuilder
-from .onnx import DEFAULT_OPSET, _check_supported, _scale_value, dequantized_weight_codes, weight_codes
+from .onnx import (
+    DEFAULT_OPSET,
+    _check_supported,
+    _scale_value,
+    dequantized_weight_codes,
+    dequantized_weight_parts,
+    linear_split,
+    weight_codes,
+)
 
 MODES = ("exact", "fast")
 FLOAT_WEIGHTS = ("float", "int8")
@@ -87,6 +95,7 @@ class IntCodes:
     zero_point: int = 0
     gain: list[int] | int = 1                            # weights: per output channel
     negated: list[int] = field(default_factory=list)   # weight channels stored negated
+    split: str = ""           # weights stored in two parts (code_split.SPLITS_BY_NAME); tensor = the first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -393,9 +402,14 @@ class _IntGraph(GraphBuilder):
         weight codes, each dequantized into a float Gemm (onnxruntime may fuse them into QGemm):
         1280 x classes MACs per image, too few to be worth an integer epilogue of its own."""
         x = self.dequantize(f"{name}.act_quant", self.quantize(f"{name}.act_quant", x, linear.act_quant))
-        wq = linear.weight_quant
-        codes, w = dequantized_weight_codes(self, f"{name}.weight_quant", linear.weight, wq)
-        self.codes.append(IntCodes(f"{name}.weight_quant", "weight", wq.bits, True, codes))
+        wq, qname = linear.weight_quant, f"{name}.weight_quant"
+        split = linear_split(linear)
+        if split is not None:        # QGemm saturates int16 on such codes without VNNI (code_split)
+            parts, weights = dequantized_weight_parts(self, qname, linear.weight, wq, split)
+            self.codes.append(IntCodes(qname, "weight", wq.bits, True, parts[0], split=split.name))
+            return x, weights
+        codes, w = dequantized_weight_codes(self, qname, linear.weight, wq)
+        self.codes.append(IntCodes(qname, "weight", wq.bits, True, codes))
         return x, (w,)
 
     def stem(self, layer: QConvBN, x: str) -> str:

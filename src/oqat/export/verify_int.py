@@ -32,6 +32,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..nn.layers import QConvBN
+from .code_split import SPLITS_BY_NAME
 from .graph import INPUT_NAME, OUTPUT_NAME
 from .onnx_int import FLOAT_CONV_OPS, INT_CONV_OPS, IntCodes, codes_from_info
 from .verify import (
@@ -146,6 +147,14 @@ def weight_codes_of(model: onnx.ModelProto, codes: list[IntCodes]) -> dict[str, 
         if c.tensor not in inits:
             raise VerificationError(f"{c.name}: weight codes {c.tensor} are not in the file")
         w = numpy_helper.to_array(inits[c.tensor]).astype(np.int32) - c.zero_point
+        if c.split:
+            split = SPLITS_BY_NAME.get(c.split)
+            if split is None:
+                raise VerificationError(f"{c.name}: unknown weight split {c.split!r} (known: {sorted(SPLITS_BY_NAME)})")
+            second = c.tensor[: -len(split.suffixes[0])] + split.suffixes[1]
+            if second not in inits:
+                raise VerificationError(f"{c.name}: weight codes {second} are not in the file")
+            w = split.join(w, numpy_helper.to_array(inits[second])).astype(np.int32)
         shape = (-1,) + (1,) * (w.ndim - 1)
         gain = np.asarray(c.gain if isinstance(c.gain, list) else [c.gain] * w.shape[0]).reshape(shape)
         if np.any(w % gain):

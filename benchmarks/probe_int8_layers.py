@@ -1,6 +1,7 @@
-"""Does OpenVINO compute a single QCDQ int8 conv or Gemm exactly on this CPU? (issue 12)
+"""Does OpenVINO (or onnxruntime) compute a single QCDQ int8 conv or Gemm exactly on this CPU? (issue 12)
 
-    .venv/bin/python benchmarks/probe_openvino_conv.py
+    .venv/bin/python benchmarks/probe_int8_layers.py
+    .venv/bin/python benchmarks/probe_int8_layers.py --engine onnxruntime   # its deployment session
 
 One ``QuantizeLinear -> Clip -> DequantizeLinear -> Conv`` file per case (int8 weight codes with
 their ``DequantizeLinear``, as oqat's ``--onnx-weights int8`` files), run on OpenVINO CPU
@@ -12,6 +13,8 @@ engine halved the codes (oneDNN without VNNI, for signed inputs and kernels over
 """
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import torch
@@ -57,12 +60,35 @@ def _file(shape: tuple, k: int, groups: int, signed: bool, in_bits: int, codes: 
     return model.SerializeToString()
 
 
-def main() -> None:
-    import openvino
+def _runner(engine: str):
+    """(description, run(file bytes, input) -> output) for one engine, 1 thread, float precision."""
+    if engine == "openvino":
+        import openvino
 
-    core = openvino.Core()
+        core = openvino.Core()
+
+        def run(data: bytes, x: np.ndarray) -> np.ndarray:
+            compiled = core.compile_model(core.read_model(data, b""), "CPU", {"INFERENCE_NUM_THREADS": 1,
+                                                                             "INFERENCE_PRECISION_HINT": "f32"})
+            return next(iter(compiled({"x": x}).values()))
+
+        return f"OpenVINO {openvino.__version__}", run
+    import onnxruntime as ort
+
+    def run(data: bytes, x: np.ndarray) -> np.ndarray:
+        so = ort.SessionOptions()                   # optimizations on: the QDQ fusions of a deployment
+        so.intra_op_num_threads = 1
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    return f"onnxruntime {ort.__version__}", run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
+    name, run = _runner(ap.parse_args().engine)
     isa = cpu_isa()
-    print(f"OpenVINO {openvino.__version__} on {isa['model']} ({isa['best']}); errors in units of one code product")
+    print(f"{name} on {isa['model']} ({isa['best']}); errors in units of one code product")
     print("| input | kernel | groups | in / w bits | split | max error | outputs off | error vs halved codes |")
     print("|---|---:|---:|---|---|---:|---:|---:|")
     for cin, k, groups, signed, in_bits, w_bits, split in CASES:
@@ -79,9 +105,7 @@ def main() -> None:
             return (xc @ w.T if k == 0 else torch.nn.functional.conv2d(xc, w, padding=k // 2, groups=groups)).numpy()
 
         data = _file(shape, k, groups, signed, in_bits, codes, split)
-        compiled = core.compile_model(core.read_model(data, b""), "CPU", {"INFERENCE_NUM_THREADS": 1,
-                                                                         "INFERENCE_PRECISION_HINT": "f32"})
-        out = next(iter(compiled({"x": x}).values())) / (X_SCALE * W_SCALE)
+        out = run(data, x) / (X_SCALE * W_SCALE)
         err = np.abs(out - layer(codes))
         halved = np.abs(out - layer(2 * np.round(codes / 2))).max()
         name = {None: "no", EVEN_ODD: "even/odd", INNER_OUTER: "inner/outer"}[split]
