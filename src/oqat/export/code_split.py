@@ -56,9 +56,9 @@ SPLITS_BY_NAME = {s.name: s for s in SPLITS}
 
 def split_for(*, signed_input: bool, kernel: int, max_code: int, linear: bool = False) -> CodeSplit | None:
     """The split a layer needs, or None (one layer on the codes); ``max_code`` is the largest
-    |code| of its trained weight. The
-    8-bit convs of an 8-bit network stay one conv: a split would double their cost on every
-    engine, and the export's OpenVINO check catches a saturated one (docs/export.md)."""
+    |code| of its trained weight. The 8-bit convs of an 8-bit network stay one conv: a split
+    would double their cost on every engine, and the export's OpenVINO check catches a
+    saturated one (docs/export.md)."""
     if signed_input and kernel > 1:
         return EVEN_ODD
     if linear and max_code > PAIR_LIMIT:
@@ -67,13 +67,14 @@ def split_for(*, signed_input: bool, kernel: int, max_code: int, linear: bool = 
 
 
 def joined_codes(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{quantizer: codes} of every split weight among a graph's initializers {name: array}."""
+    """{quantizer: codes} of every split weight among a graph's initializers {name: array}; a
+    part without its partner is left out (verification then reports the quantizer missing)."""
     out = {}
     for s in SPLITS:
         first, second = s.suffixes
         for name, a in arrays.items():
-            if name.endswith(first):
-                q = name[: -len(first)]
+            q = name[: -len(first)]
+            if name.endswith(first) and q + second in arrays:
                 out[q] = s.join(a, arrays[q + second])
     return out
 

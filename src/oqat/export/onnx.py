@@ -94,10 +94,12 @@ def dequantized_weight_parts(g: GraphBuilder, qname: str, weight: torch.Tensor, 
     return (codes[0], codes[1]), (weights[0], weights[1])
 
 
-def linear_split(linear: QLinear) -> CodeSplit | None:
-    """The split an int8-weight quantized linear layer needs (:func:`.code_split.split_for`)."""
-    return split_for(signed_input=linear.quantizes_input and linear.act_quant.signed, kernel=1,
-                     max_code=int(weight_codes(linear.weight, linear.weight_quant).abs().max()), linear=True)
+def weight_split(layer: QConvBN | QLinear) -> CodeSplit | None:
+    """The split an int8-weight quantized layer needs (:func:`.code_split.split_for`), or None."""
+    linear = isinstance(layer, QLinear)
+    return split_for(signed_input=layer.quantizes_input and layer.act_quant.signed,
+                     kernel=1 if linear else int(layer.weight.shape[-1]),
+                     max_code=int(weight_codes(layer.weight, layer.weight_quant).abs().max()), linear=linear)
 
 
 @dataclass
@@ -143,29 +145,25 @@ class _Graph(GraphBuilder):
         self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, f"{qname}{split.suffixes[0]}", initializer=True))
         return weights
 
-    def layer_weights(self, name: str, layer: QConvBN | QLinear, kernel: int = 1) -> tuple[str, ...]:
+    def layer_weights(self, name: str, layer: QConvBN | QLinear) -> tuple[str, ...]:
         """The weight tensor(s) of a conv or linear layer: float, QCDQ, int8 codes, or two int8
-        parts where :func:`.code_split.split_for` asks for them."""
+        parts where :func:`weight_split` asks for them."""
         if not layer.quantizes_weight:
             return (self.param(f"{name}.weight", layer.weight),)
-        q = layer.weight_quant
-        split = None
-        if self.weights == "int8":
-            split = linear_split(layer) if isinstance(layer, QLinear) else split_for(
-                signed_input=layer.quantizes_input and layer.act_quant.signed, kernel=kernel,
-                max_code=int(weight_codes(layer.weight, q).abs().max()))
-        if split is not None:
-            return self.split_int_weight(f"{name}.weight_quant", layer.weight, q, split)
-        if self.weights == "int8":
-            return (self.int_weight(f"{name}.weight_quant", layer.weight, q),)
-        return (self.qcdq(f"{name}.weight_quant", self.param(f"{name}.weight", layer.weight), q, "weight"),)
+        q, qname = layer.weight_quant, f"{name}.weight_quant"
+        if self.weights != "int8":
+            return (self.qcdq(qname, self.param(f"{name}.weight", layer.weight), q, "weight"),)
+        split = weight_split(layer)
+        if split is None:
+            return (self.int_weight(qname, layer.weight, q),)
+        return self.split_int_weight(qname, layer.weight, q, split)
 
     # ------------------------------------------------------------------ layers
     def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:
         if layer.quantizes_input:
             x = self.qcdq(f"{name}.act_quant", x, layer.act_quant, "activation")
         k = int(layer.weight.shape[-1])
-        weights = self.layer_weights(name, layer, k)
+        weights = self.layer_weights(name, layer)
         groups = int(layer.weight.shape[0]) if layer.depthwise else 1
         convs = [self.op("Conv", [x, w], f"{name}.conv" + (f".{i}" if len(weights) > 1 else ""),
                          kernel_shape=[k, k], strides=[layer.stride] * 2, pads=[k // 2] * 4, group=groups)

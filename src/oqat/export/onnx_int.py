@@ -67,8 +67,8 @@ from .onnx import (
     _scale_value,
     dequantized_weight_codes,
     dequantized_weight_parts,
-    linear_split,
     weight_codes,
+    weight_split,
 )
 
 MODES = ("exact", "fast")
@@ -403,7 +403,7 @@ class _IntGraph(GraphBuilder):
         1280 x classes MACs per image, too few to be worth an integer epilogue of its own."""
         x = self.dequantize(f"{name}.act_quant", self.quantize(f"{name}.act_quant", x, linear.act_quant))
         wq, qname = linear.weight_quant, f"{name}.weight_quant"
-        split = linear_split(linear)
+        split = weight_split(linear)
         if split is not None:        # QGemm saturates int16 on such codes without VNNI (code_split)
             parts, weights = dequantized_weight_parts(self, qname, linear.weight, wq, split)
             self.codes.append(IntCodes(qname, "weight", wq.bits, True, parts[0], split=split.name))

@@ -47,7 +47,7 @@ from ..data import (
 from ..data.gpu_loader import warn_fallback
 from ..measure import measure
 from ..models import EDGE_LAYERS, Checkpoint, CheckpointError, Supernet, build_supernet, load_checkpoint
-from ..quant import kernel_impl
+from ..quant import LSQQuantizer, kernel_impl
 from ..space import FULL_PRECISION, Arch, SearchSpace, normalize_bits
 from ..utils.config import to_dict
 from ..utils.devices import resolve_device
@@ -342,7 +342,8 @@ def _train(cfg: TrainRunConfig, out: Path, device: torch.device, info: distribut
 
     opts = StepOptions.from_config(tcfg, device)
     if bits != FULL_PRECISION:  # builds and self-tests the kernels on this device now, not in step 1
-        log.info("LSQ kernels on %s: %s", device, kernel_impl(device, dtype=next(net.parameters()).dtype))
+        impl = next((m.impl for m in net.modules() if isinstance(m, LSQQuantizer)), "auto")
+        log.info("LSQ kernels on %s: %s", device, kernel_impl(device, impl, dtype=next(net.parameters()).dtype))
     files = _train_files(data_cfg, data, device)
     params = list(net.parameters())
     model_dtype = params[0].dtype  # inputs follow the model (float64 runs check numerics)
