@@ -235,6 +235,22 @@ def test_a_classifier_with_codes_beyond_64_is_two_gemms_on_the_same_codes():
     assert "classifier.weight_quant" in {t.name for t in rep.tensors}
 
 
+def test_a_file_missing_one_part_or_naming_an_unknown_split_fails_verification():
+    from oqat.export.onnx_int import IntCodes
+    from oqat.export.report import VerificationError
+    from oqat.export.verify_int import weight_codes_of
+
+    sub, x, y = _trained()
+    model, _ = build_onnx(sub, weights="int8")
+    odd = next(i for i in model.graph.initializer if i.name == "stem.weight_quant.codes_odd")
+    model.graph.initializer.remove(odd)
+    assert "stem.weight_quant" not in joined_codes({i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer})
+    int_model, _, _ = build_onnx_int(sub, mode="exact")
+    bad = IntCodes("classifier.weight_quant", "weight", 8, True, "classifier.weight_quant.codes", split="halves")
+    with pytest.raises(VerificationError, match=r"classifier.weight_quant: unknown weight split 'halves'"):
+        weight_codes_of(int_model, [bad])
+
+
 def test_openvino_runs_the_edge_stem_in_int8_with_the_subnets_answers(tmp_path):
     """Before the even/odd split, OpenVINO 2026.4 on an AVX2-only CPU agreed on 82.81% (4 bit)
     and 51.56% (2 bit) of these images; on VNNI CPUs it agreed either way."""
