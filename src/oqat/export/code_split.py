@@ -1,5 +1,6 @@
 """Weight codes written as two int8 parts whose layers add up to the layer on the trained codes,
-for layers that OpenVINO computes wrongly on x86 CPUs without VNNI (docs/export.md).
+for layers that OpenVINO (and onnxruntime's ``QGemm``) compute wrongly on x86 CPUs without VNNI
+(docs/export.md).
 
 There oneDNN multiplies uint8 inputs (signed inputs shifted by 128) by int8 weights in pairs
 summed in int16 (``vpmaddubsw``), which saturates unless ``2 * 255 * |w| <= 32767``, i.e.
