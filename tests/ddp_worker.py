@@ -1,9 +1,9 @@
 """Run by tests/test_distributed.py under torchrun: train, then save this rank's weights.
 
 Arguments: CONFIG OUT [DTYPE [BN_BIAS_STD]]. The supernet runs the eager LSQ kernels (the
-reference ones). A BN_BIAS_STD > 0 draws the supernet's BN biases
-from N(0, std^2) (one fixed seed, so every run starts alike) instead of 0; see
-test_distributed.py for why the 4-bit comparison needs that.
+reference ones). A BN_BIAS_STD > 0 draws the supernet's BN biases from N(0, std^2) (one fixed
+seed, so every run starts alike) instead of 0; see test_distributed.py for why the 4-bit
+comparison needs that.
 """
 
 import sys

@@ -171,3 +171,22 @@ def test_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
         load_checkpoint(foreign)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_the_log_names_the_lsq_kernels_the_supernet_runs(tmp_path, monkeypatch, caplog):
+    """A supernet built with eager kernels is logged as eager (the log once asked for the default
+    kernels, which also built torch.compile'd ones that the run never used)."""
+    import logging
+
+    from helpers import train_config
+
+    import oqat.training.loop as loop
+
+    build = loop.build_supernet
+    monkeypatch.setattr(loop, "build_supernet", lambda *a, **k: build(*a, **{**k, "impl": "eager"}))
+    cfg = {"space": "mbv3-tiny", "bits": 4,
+           "data": {"name": "synthetic", "image_size": 32, "holdout": 16, "synthetic_size": 64},
+           "train": {"max_steps": 1, "batch_size": 16, "eval_images": 0, "num_random": 0}}
+    with caplog.at_level(logging.INFO, logger="oqat"):
+        train_config(cfg, tmp_path / "run")
+    assert "LSQ kernels on cpu: eager" in caplog.text
