@@ -44,7 +44,7 @@ def _ops(model):
 
 
 def _qconvs(sub):
-    return [m for m in sub.modules() if isinstance(m, QConvBN) and m.weight_quant is not None and m.weight_quant.enabled]
+    return [m for m in sub.modules() if isinstance(m, QConvBN) and m.quantizes_weight]
 
 
 # ----------------------------------------------------------------------------------- structure

@@ -60,38 +60,33 @@ def weight_codes(weight: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
     return torch.clamp(weight.detach() / s, qn, qp).round()
 
 
-def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, q: LSQQuantizer) -> tuple[str, str]:
+def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, q: LSQQuantizer,
+                             split: CodeSplit | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A weight's trained codes as the int8 initializer ``<qname>.codes`` and its
-    ``DequantizeLinear`` (scale ``|s|``, zero point 0): (codes, dequantized weight). How both
-    ONNX forms store a quantized weight that a float op consumes."""
+    ``DequantizeLinear`` (scale ``|s|``, zero point 0), or with ``split`` as its two int8 parts
+    ``<qname><suffix>``, each with its own: (code initializers, dequantized weights), weights whose
+    layers add up to the layer on the codes. How both ONNX forms store a quantized weight that a
+    float op consumes."""
     if not q.signed:
         raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
     codes = weight_codes(weight, q).cpu().numpy()
     qn, qp = qrange(q.bits, q.signed)
     if codes.min() < qn or codes.max() > qp:  # cannot happen: clamp above
         raise RuntimeError(f"{qname}: weight codes outside [{qn}, {qp}]")
-    c = g.const(f"{qname}.codes", codes.astype(np.int8))
-    s = g.const(f"{qname}.scale", _scale_value(q))
-    z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
-    return c, g.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
-
-
-def dequantized_weight_parts(g: GraphBuilder, qname: str, weight: torch.Tensor, q: LSQQuantizer,
-                             split: CodeSplit) -> tuple[tuple[str, str], tuple[str, str]]:
-    """A weight's trained codes as the two int8 parts of ``split`` (initializers
-    ``<qname><suffix>``), each with its ``DequantizeLinear``: (parts, dequantized weights), two
-    weights whose layers add up to the layer on the codes. Both ONNX forms use it."""
-    if not q.signed:
-        raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
-    parts = split.split(weight_codes(weight, q).cpu().numpy().astype(np.int16))
-    z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
     step = _scale_value(q)
-    codes, weights = [], []
-    for suffix, part, scale in zip(split.suffixes, parts, (step, np.float32(step * split.second_scale))):
-        codes.append(g.const(f"{qname}{suffix}", part.astype(np.int8)))
-        s = g.const(f"{qname}{suffix}.scale", scale)
-        weights.append(g.op("DequantizeLinear", [codes[-1], s, z], f"{qname}{suffix}.dequantize"))
-    return (codes[0], codes[1]), (weights[0], weights[1])
+    if split is None:   # (initializer suffix, node-name suffix, codes, scale)
+        parts = [(".codes", "", codes, step)]
+    else:
+        first, second = split.split(codes.astype(np.int16))
+        parts = [(split.suffixes[0], split.suffixes[0], first, step),
+                 (split.suffixes[1], split.suffixes[1], second, np.float32(step * split.second_scale))]
+    z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
+    inits, weights = [], []
+    for init_suffix, node_suffix, part, scale in parts:
+        inits.append(g.const(f"{qname}{init_suffix}", part.astype(np.int8)))
+        sc = g.const(f"{qname}{node_suffix}.scale", scale)
+        weights.append(g.op("DequantizeLinear", [inits[-1], sc, z], f"{qname}{node_suffix}.dequantize"))
+    return tuple(inits), tuple(weights)
 
 
 def weight_split(layer: QConvBN | QLinear) -> CodeSplit | None:
@@ -135,14 +130,9 @@ class _Graph(GraphBuilder):
         self.codes.append(CodeTensor(qname, kind, q.bits, q.signed, c))
         return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
 
-    def int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer) -> str:
-        c, w = dequantized_weight_codes(self, qname, weight, q)
-        self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, c, initializer=True))
-        return w
-
-    def split_int_weight(self, qname: str, weight: torch.Tensor, q: LSQQuantizer, split: CodeSplit) -> tuple[str, ...]:
-        _, weights = dequantized_weight_parts(self, qname, weight, q, split)
-        self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, f"{qname}{split.suffixes[0]}", initializer=True))
+    def int_weights(self, qname: str, weight: torch.Tensor, q: LSQQuantizer, split: CodeSplit | None) -> tuple[str, ...]:
+        inits, weights = dequantized_weight_codes(self, qname, weight, q, split)
+        self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, inits[0], initializer=True))
         return weights
 
     def layer_weights(self, name: str, layer: QConvBN | QLinear) -> tuple[str, ...]:
@@ -153,10 +143,7 @@ class _Graph(GraphBuilder):
         q, qname = layer.weight_quant, f"{name}.weight_quant"
         if self.weights != "int8":
             return (self.qcdq(qname, self.param(f"{name}.weight", layer.weight), q, "weight"),)
-        split = weight_split(layer)
-        if split is None:
-            return (self.int_weight(qname, layer.weight, q),)
-        return self.split_int_weight(qname, layer.weight, q, split)
+        return self.int_weights(qname, layer.weight, q, weight_split(layer))
 
     # ------------------------------------------------------------------ layers
     def qconvbn(self, name: str, layer: QConvBN, x: str) -> str:

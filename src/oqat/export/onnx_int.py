@@ -66,7 +66,6 @@ from .onnx import (
     _check_supported,
     _scale_value,
     dequantized_weight_codes,
-    dequantized_weight_parts,
     weight_codes,
     weight_split,
 )
@@ -403,14 +402,10 @@ class _IntGraph(GraphBuilder):
         1280 x classes MACs per image, too few to be worth an integer epilogue of its own."""
         x = self.dequantize(f"{name}.act_quant", self.quantize(f"{name}.act_quant", x, linear.act_quant))
         wq, qname = linear.weight_quant, f"{name}.weight_quant"
-        split = weight_split(linear)
-        if split is not None:        # QGemm saturates int16 on such codes without VNNI (code_split)
-            parts, weights = dequantized_weight_parts(self, qname, linear.weight, wq, split)
-            self.codes.append(IntCodes(qname, "weight", wq.bits, True, parts[0], split=split.name))
-            return x, weights
-        codes, w = dequantized_weight_codes(self, qname, linear.weight, wq)
-        self.codes.append(IntCodes(qname, "weight", wq.bits, True, codes))
-        return x, (w,)
+        split = weight_split(linear)     # QGemm saturates int16 on codes beyond +-64 without VNNI
+        inits, weights = dequantized_weight_codes(self, qname, linear.weight, wq, split)
+        self.codes.append(IntCodes(qname, "weight", wq.bits, True, inits[0], split=split.name if split else ""))
+        return x, weights
 
     def stem(self, layer: QConvBN, x: str) -> str:
         """The stem's float output (the first block's residual adds it): a float conv (OQA), or
