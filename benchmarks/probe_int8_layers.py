@@ -23,6 +23,7 @@ from onnx import numpy_helper as nh
 
 from oqat.export.code_split import EVEN_ODD, INNER_OUTER, CodeSplit
 from oqat.export.deployment import cpu_isa
+from oqat.quant import qrange
 
 X_SCALE, W_SCALE, SIZE, FEATURES = 0.02, 0.01, 14, 256
 # (input channels, kernel (0: Gemm), groups, signed input, input bits, weight bits, split)
@@ -34,7 +35,7 @@ CASES = [(3, 3, 1, True, 8, 8, None), (3, 3, 1, True, 8, 8, EVEN_ODD), (16, 3, 1
 
 def _file(shape: tuple, k: int, groups: int, signed: bool, in_bits: int, codes: np.ndarray,
           split: CodeSplit | None) -> bytes:
-    qn, qp = (-(2 ** (in_bits - 1)), 2 ** (in_bits - 1) - 1) if signed else (0, 2 ** in_bits - 1)
+    qn, qp = qrange(in_bits, signed)
     dt = np.int8 if signed else np.uint8
     inits = [nh.from_array(np.array(X_SCALE, np.float32), "xs"), nh.from_array(np.array(0, dt), "xz"),
              nh.from_array(np.array(qn, dt), "lo"), nh.from_array(np.array(qp, dt), "hi"),
@@ -94,10 +95,11 @@ def main() -> None:
     for cin, k, groups, signed, in_bits, w_bits, split in CASES:
         rng = np.random.default_rng(0)
         shape = (2, cin, SIZE, SIZE) if k else (8, cin)
-        codes = rng.integers(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), size=(16, cin // groups, k, k) if k else (16, cin))
+        wn, wp = qrange(w_bits, True)
+        codes = rng.integers(wn, wp + 1, size=(16, cin // groups, k, k) if k else (16, cin))
         x = rng.normal(0, 0.1 * 2 ** (in_bits - 4), size=shape).astype(np.float32)
         x = x if signed else np.abs(x)
-        qn, qp = (-(2 ** (in_bits - 1)), 2 ** (in_bits - 1) - 1) if signed else (0, 2 ** in_bits - 1)
+        qn, qp = qrange(in_bits, signed)
         xc = torch.tensor(np.clip(np.round(x / np.float32(X_SCALE)), qn, qp), dtype=torch.float64)
 
         def layer(w: np.ndarray) -> np.ndarray:
