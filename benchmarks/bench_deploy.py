@@ -6,7 +6,8 @@ latency (onnxruntime CPU, 1 thread by default), plus OpenVINO CPU as a second en
 (steps initialised by one forward, BN calibrated on random inputs; speed does not depend on the
 weights); (b) with ``--ckpt`` (repeatable), a subnet of a trained checkpoint (e.g. Fashion-MNIST):
 exported through ``deployable_from_checkpoint`` + ``export_subnet`` (BN re-calibrated, verified on
-held-out images) in both integer modes, with the verification figures and the OpenVINO check.
+held-out images) in both integer modes and as QCDQ, each also with int8 squeeze-excite / classifier
+weights (``+int8``, ``*-int8fp`` files), with the verification figures and the OpenVINO check.
 
     python benchmarks/bench_deploy.py                                  # (a), 1 thread
     python benchmarks/bench_deploy.py --edge-bits none,8               # (a), float and 8-bit stem/classifier
@@ -42,6 +43,7 @@ def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
     info = model_info(sub, preprocessing_for(sub.space, sub.arch.r, None)[0])
     fp32 = export_onnx(fp32_reference(sub), folder / f"{tag}-fp32.onnx")
     qcdq = export_onnx(sub, folder / f"{tag}-qcdq.onnx", weights="int8")
+    qcdq_int8fp = export_onnx(sub, folder / f"{tag}-qcdq-int8fp.onnx", weights="int8", float_weights="int8")
     paths = {}
     for mode, fw in (("exact", "float"), ("fast", "float"), ("exact", "int8"), ("fast", "int8")):
         model, _, _ = build_onnx_int(sub, info=info, mode=mode, float_weights=fw)
@@ -49,7 +51,7 @@ def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
         onnx.save_model(model, str(paths[(mode, fw)]))
     packed = save_packed(sub, folder / f"{tag}.oqat", info)
     return DeploymentFiles(fp32=fp32, qcdq=qcdq, integer=paths[("exact", "float")], packed=packed,
-                           extra={"integer-fast": paths[("fast", "float")], "integer-int8fp": paths[("exact", "int8")],
+                           extra={"qcdq-int8fp": qcdq_int8fp, "integer-fast": paths[("fast", "float")], "integer-int8fp": paths[("exact", "int8")],
                                   "integer-fast-int8fp": paths[("fast", "int8")]})
 
 
@@ -96,25 +98,25 @@ def run(args) -> None:
                     if args.arch else header.space.smallest(header.bits))
             arch = arch.replace(bits=header.bits)
             dep = deployable_from_checkpoint(ckpt, arch, verify_images=args.verify_images)
-            reports = {}
-            for mode in ("exact", "fast", "exact+int8", "fast+int8"):
+            reports, ov = {}, {}
+            for fmt, mode in [("onnx-int", m) for m in ("exact", "fast", "exact+int8", "fast+int8")] + \
+                             [("onnx", "qcdq"), ("onnx", "qcdq+int8")]:
                 try:
-                    res = export_subnet(dep.sub, folder / f"ck-{mode}.onnx", "onnx-int", config=dep.ckpt.config,
-                                        verification=dep.verification, calibration=dep.calibration,
-                                        int_mode=mode.split("+")[0], progress=False,
-                                        int_float_weights="int8" if "+int8" in mode else "float")
+                    res = export_subnet(dep.sub, folder / f"ck-{mode}.onnx", fmt, config=dep.ckpt.config,
+                                        verification=dep.verification, calibration=dep.calibration, weights="int8",
+                                        int_mode=mode.split("+")[0] if fmt == "onnx-int" else "exact", progress=False,
+                                        float_weights="int8" if "+int8" in mode else "float")
                     rep = res.report
+                    if res.info.get("openvino"):   # export_subnet checks a QCDQ file on OpenVINO where installed
+                        ov[mode] = res.info["openvino"]
                 except Exception as exc:           # VerificationError keeps the report
                     rep = getattr(exc, "report", None)
                     print(f"{mode}: {exc}")
-                print(f"--- {ckpt} ({header.bits}-bit), integer {mode}:")
+                print(f"--- {ckpt} ({header.bits}-bit), {'integer ' if fmt == 'onnx-int' else ''}{mode}:")
                 print(rep.summary() if rep else "no report")
+                if mode in ov:
+                    print(f"OpenVINO on this file: {ov[mode]}")
                 reports[mode] = rep.to_dict() if rep else None
-            qc = export_subnet(dep.sub, folder / "ck-qcdq.onnx", "onnx", config=dep.ckpt.config, weights="int8",
-                               verification=dep.verification, calibration=dep.calibration, progress=False)
-            ov = qc.info.get("openvino")       # export_subnet checks a QCDQ file on OpenVINO where installed
-            if ov:
-                print(f"OpenVINO on the QCDQ file: {ov}")
             files = write_files(dep.sub, folder, "ck")
             row = deployment_row(files, subnet=f"{header.space.name} {arch.to_json()}", bits=header.bits,
                                  resolution=arch.r, in_channels=header.space.in_channels, threads=args.threads,

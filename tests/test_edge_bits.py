@@ -153,6 +153,14 @@ def _trained():
     return trained_smallest_subnet(EDGE, 4, seed=4, steps=60)
 
 
+def _wide_classifier(sub) -> bool:
+    """Whether a trained classifier code lies beyond +-64, so the exporters write two Gemms: the
+    fixture's training trajectory, and so this, differs from one CPU kind to another."""
+    from oqat.export.onnx import weight_codes
+
+    return bool(weight_codes(sub.classifier.weight, sub.classifier.weight_quant).abs().max() > PAIR_LIMIT)
+
+
 def _weights_exact(rep) -> bool:
     """Every weight tensor's codes in the file equal the subnet's (weights have no propagated error)."""
     weights = [t for t in rep.tensors if t.kind == "weight"]
@@ -200,9 +208,12 @@ def test_int8_qcdq_file_writes_the_stem_in_two_parts_and_every_other_layer_in_on
     model, _ = build_onnx(sub, weights="int8")
     ops = {n.name: n.op_type for n in model.graph.node}
     assert [ops[k] for k in ("stem.conv.0", "stem.conv.1", "stem.conv")] == ["Conv", "Conv", "Add"]
-    assert ops["classifier"] == "Gemm"                   # its trained codes lie within +-64
+    wide = _wide_classifier(sub)
+    assert ops["classifier"] == ("Add" if wide else "Gemm")      # one Gemm where its codes lie within +-64
     inits = {i.name for i in model.graph.initializer}
-    assert {"stem.weight_quant.codes_even", "stem.weight_quant.codes_odd", "classifier.weight_quant.codes"} <= inits
+    classifier = {"classifier.weight_quant.codes_inner", "classifier.weight_quant.codes_outer"} if wide \
+        else {"classifier.weight_quant.codes"}
+    assert {"stem.weight_quant.codes_even", "stem.weight_quant.codes_odd", *classifier} <= inits
     assert "stem.weight_quant.codes" not in inits
     plain = build_onnx(sub, weights="float")[0]
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 1 + sum(n.op_type == "Conv" for n in plain.graph.node)
@@ -245,8 +256,9 @@ def test_a_file_missing_one_part_or_naming_an_unknown_split_fails_verification()
     odd = next(i for i in model.graph.initializer if i.name == "stem.weight_quant.codes_odd")
     model.graph.initializer.remove(odd)
     assert "stem.weight_quant" not in joined_codes({i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer})
-    int_model, _, _ = build_onnx_int(sub, mode="exact")
-    bad = IntCodes("classifier.weight_quant", "weight", 8, True, "classifier.weight_quant.codes", split="halves")
+    int_model, codes, _ = build_onnx_int(sub, mode="exact")
+    tensor = next(c.tensor for c in codes if c.name == "classifier.weight_quant")   # one part's name where split
+    bad = IntCodes("classifier.weight_quant", "weight", 8, True, tensor, split="halves")
     with pytest.raises(VerificationError, match=r"classifier.weight_quant: unknown weight split 'halves'"):
         weight_codes_of(int_model, [bad])
 
@@ -272,7 +284,8 @@ def test_integer_file_runs_the_stem_on_an_integer_kernel():
     assert ops.count("Conv") == 2 * sum(b.se is not None for b in sub.blocks)      # only squeeze-excite is float
     rep = verify_onnx_int(model, sub, x, labels=y, progress=False)
     assert rep.ok, rep.summary()
-    assert rep.graph["int_convs"] == rep.graph["expected_int"] and rep.max_code_diff <= 1
+    # at least: onnxruntime may fuse the classifier's Gemm (two where split) into integer QGemm nodes
+    assert rep.graph["int_convs"] >= rep.graph["expected_int"] and rep.max_code_diff <= 1
     assert {"stem.weight_quant", "classifier.weight_quant", "classifier.act_quant"} <= {t.name for t in rep.tensors}
 
 

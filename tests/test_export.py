@@ -465,6 +465,9 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     assert rc == 2 and "4-bit supernet" in capsys.readouterr().err
     rc = main(["export", "--ckpt", str(tmp_path / "none.pt"), "--smallest", "-o", str(tmp_path / "x.onnx")])
     assert rc == 2 and "none.pt" in capsys.readouterr().err
+    rc = main(["export", "--ckpt", str(ckpt(4)), "--smallest", "--format", "oqat", "--float-weights", "int8",
+               "-o", str(tmp_path / "x.oqat")])
+    assert rc == 2 and "--float-weights" in capsys.readouterr().err and not (tmp_path / "x.oqat").exists()
     model = tmp_path / "m.oqat"
     save_packed(_sub(2), model, _info(_sub(2)))
     rc = main(["predict", str(model), str(tmp_path / "nope.png")])

@@ -111,7 +111,7 @@ class DeploymentFiles:
     qcdq: str | Path | None = None        # --format onnx
     integer: str | Path | None = None     # --format onnx-int
     packed: str | Path | None = None      # --format oqat
-    extra: dict = field(default_factory=dict)   # more integer variants, e.g. {"integer-fast": path}
+    extra: dict = field(default_factory=dict)   # more variants: {"integer-fast": path, "qcdq-int8fp": path}
 
     def items(self):
         pairs = [("fp32", self.fp32), ("qcdq", self.qcdq), ("integer", self.integer), *self.extra.items()]
@@ -173,9 +173,10 @@ class DeploymentRow:
         """(label, file bytes, resident weight bytes, ms at batch 1, ms at 32, x FP32 at 1, at 32) per
         table row, onnxruntime's then OpenVINO's (None where not measured; resident weights are
         onnxruntime's figure, so not given for OpenVINO rows)."""
-        files = ["fp32", "qcdq", "integer", *[k for k in self.file_bytes if k.startswith("integer-")], "packed"]
+        variants = lambda kind: [k for k in self.file_bytes if k.startswith(f"{kind}-")]  # noqa: E731
+        files = ["fp32", "qcdq", *variants("qcdq"), "integer", *variants("integer"), "packed"]
         rows = [(k, k, k) for k in files if k in self.file_bytes]
-        rows += [(f"{OV}{k}", f"{k} on OpenVINO", k) for k in ("fp32", "qcdq") if f"{OV}{k}" in self.latency_ms]
+        rows += [(f"{OV}{k}", f"{k} on OpenVINO", k) for k in files if f"{OV}{k}" in self.latency_ms]
         out = []
         for key, label, file in rows:
             lat = self.latency_ms.get(key, {})
@@ -192,8 +193,8 @@ def deployment_row(files: DeploymentFiles, *, subnet: str, bits: int, resolution
                    threads: int = 1, runs: int = 10, batches: tuple[int, ...] = (1, 32),
                    openvino: bool | None = None) -> DeploymentRow:
     """Measure the files of one subnet on onnxruntime CPU with `threads` intra-op threads, and the
-    FP32 and QCDQ files on OpenVINO CPU too (``openvino``; default: when it is installed), each
-    engine's runs interleaved with its own FP32."""
+    FP32 and QCDQ files (``qcdq``, ``qcdq-*`` variants) on OpenVINO CPU too (``openvino``; default:
+    when it is installed), each engine's runs interleaved with its own FP32."""
     import onnxruntime as ort
 
     isa = cpu_isa()
@@ -204,7 +205,7 @@ def deployment_row(files: DeploymentFiles, *, subnet: str, bits: int, resolution
         if not path.is_file():
             raise ValueError(f"{path}: {kind} model file not found")
         row.file_bytes[kind] = path.stat().st_size
-        integer = kind == "integer" or kind in files.extra
+        integer = kind == "integer" or kind.startswith("integer-")
         row.weight_bytes[kind] = resident_weight_bytes(path, integer)
         sessions[kind] = int_session(path, threads=threads) if integer else ort_session(path, optimize=True,
                                                                                        threads=threads)
@@ -214,8 +215,8 @@ def deployment_row(files: DeploymentFiles, *, subnet: str, bits: int, resolution
     groups = [runners]                      # each engine's files interleaved with its own FP32
     if (ovc.available() if openvino is None else openvino) and None not in (files.fp32, files.qcdq):
         row.openvino = ovc.version()
-        groups.append({f"{OV}{k}": ovc.OpenVINOModel(p, threads) for k, p in (("fp32", files.fp32),
-                                                                               ("qcdq", files.qcdq))})
+        groups.append({f"{OV}{k}": ovc.OpenVINOModel(p, threads) for k, p in files.items()
+                       if k == "fp32" or k == "qcdq" or k.startswith("qcdq-")})
     for b in batches:
         for group in groups:
             for k, ms in interleaved_latency(group, (b, in_channels, resolution, resolution), runs).items():

@@ -19,8 +19,14 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
+FLOAT_WEIGHTS = ("float", "int8")   # how the full-precision layers' weights are stored (GraphBuilder.fp_weight)
+
+
 class GraphBuilder:
-    def __init__(self) -> None:
+    def __init__(self, float_weights: str = "float") -> None:
+        if float_weights not in FLOAT_WEIGHTS:
+            raise ValueError(f"float weights: {float_weights!r} is not one of {list(FLOAT_WEIGHTS)}")
+        self.float_weights = float_weights
         self.nodes: list = []
         self.inits: list = []
         self._names: set[str] = set()
@@ -39,8 +45,20 @@ class GraphBuilder:
         return self.const(name, t.detach().cpu().float().numpy())
 
     def fp_weight(self, name: str, t: torch.Tensor) -> str:
-        """A full-precision layer's weight (squeeze-excite): float32 here; forms may store it otherwise."""
-        return self.param(name, t)
+        """A full-precision layer's weight (squeeze-excite, a float classifier): float32, or
+        (``float_weights="int8"``) int8 with one symmetric scale per output channel (max|w| / 127)
+        and a DequantizeLinear: 4x smaller, still computed in float; the only change to the
+        trained network's arithmetic an export makes, so the export's verification measures it."""
+        if self.float_weights == "float":
+            return self.param(name, t)
+        w = t.detach().cpu().double().numpy()
+        scale = np.abs(w.reshape(w.shape[0], -1)).max(1) / 127.0
+        scale[scale == 0] = 1.0
+        codes = np.rint(w / scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.int8)
+        c = self.const(f"{name}.int8", codes)
+        s = self.const(f"{name}.int8_scale", scale.astype(np.float32))
+        z = self.const(f"{name}.int8_zero_point", np.zeros(w.shape[0], np.int8))
+        return self.op("DequantizeLinear", [c, s, z], f"{name}.dequantize", axis=0)
 
     def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
         self.nodes.append(helper.make_node(op_type, inputs, [self._new(name)], name=name, domain=domain or None,
@@ -117,4 +135,4 @@ class GraphBuilder:
         return model
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "GraphBuilder"]
+__all__ = ["FLOAT_WEIGHTS", "INPUT_NAME", "OUTPUT_NAME", "GraphBuilder"]

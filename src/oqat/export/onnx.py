@@ -17,6 +17,9 @@ torch.onnx exporter in use.
 
 ``weights="int8"`` stores the weight codes themselves as int8 initializers followed by
 ``DequantizeLinear`` (about 4x smaller files; the codes are checked to lie in the b-bit range).
+``float_weights="int8"`` does the same for the full-precision layers' weights (squeeze-excite, a
+float classifier) with an 8-bit per-channel grid of their own (:meth:`.graph.GraphBuilder.fp_weight`):
+the one option that changes the network's arithmetic, measured by the export's verification.
 
 The stem of an ``edge_bits`` space (a signed input, a 3x3 kernel), and its 8-bit classifier where
 a trained code lies beyond +-64, are each written as two layers on the same input, on two int8
@@ -112,8 +115,8 @@ class CodeTensor:
 class _Graph(GraphBuilder):
     """The QCDQ graph: every quantized tensor as QuantizeLinear -> Clip -> DequantizeLinear."""
 
-    def __init__(self, weights: str):
-        super().__init__()
+    def __init__(self, weights: str, float_weights: str = "float"):
+        super().__init__(float_weights)
         self.weights = weights
         self.codes: list[CodeTensor] = []
 
@@ -187,7 +190,7 @@ def _check_supported(sub: nn.Module) -> None:
 
 
 def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, weights: str = "float",
-               expose_codes: bool = False) -> tuple[onnx.ModelProto, list[CodeTensor]]:
+               float_weights: str = "float", expose_codes: bool = False) -> tuple[onnx.ModelProto, list[CodeTensor]]:
     """The ONNX model of an extracted subnet (eval semantics), and its quantized tensors.
 
     ``expose_codes`` adds every Clip output (the integer codes) as an extra graph output: the
@@ -198,7 +201,7 @@ def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, wei
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights: {weights!r} is not one of {list(WEIGHT_MODES)}")
     _check_supported(sub)
-    g = _Graph(weights)
+    g = _Graph(weights, float_weights)
     with torch.no_grad():
         x = g.qconvbn("stem", sub.stem, INPUT_NAME)
         x = g.block("first_block", sub.first_block, x)
@@ -211,15 +214,16 @@ def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, wei
     code_outputs = tuple(
         helper.make_tensor_value_info(c.tensor, TensorProto.INT8 if c.signed else TensorProto.UINT8, None)
         for c in g.codes if expose_codes and not c.initializer)
-    model = g.model(sub, name=f"oqat-{sub.space.name}-{sub.bits}bit", opset=opset, props=info,
+    props = {**(info or {}), "float_weights": float_weights}
+    model = g.model(sub, name=f"oqat-{sub.space.name}-{sub.bits}bit", opset=opset, props=props,
                     doc=f"oqat subnet of {sub.space.name} at {sub.bits} bit, QCDQ form", extra_outputs=code_outputs)
     return model, g.codes
 
 
 def export_onnx(sub, path: str | Path, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
-                weights: str = "float") -> Path:
+                weights: str = "float", float_weights: str = "float") -> Path:
     """Write the ONNX model of ``sub`` to ``path`` (see :func:`build_onnx`)."""
-    model, _ = build_onnx(sub, info=info, opset=opset, weights=weights)
+    model, _ = build_onnx(sub, info=info, opset=opset, weights=weights, float_weights=float_weights)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))

@@ -60,7 +60,7 @@ from onnx import TensorProto
 from ..nn.block import MBConvBlock
 from ..nn.layers import QConvBN, QLinear
 from ..quant import LSQQuantizer, qrange
-from .graph import INPUT_NAME, GraphBuilder
+from .graph import FLOAT_WEIGHTS, INPUT_NAME, GraphBuilder
 from .onnx import (
     DEFAULT_OPSET,
     _check_supported,
@@ -71,7 +71,6 @@ from .onnx import (
 )
 
 MODES = ("exact", "fast")
-FLOAT_WEIGHTS = ("float", "int8")
 DEFAULT_MODE = "exact"
 MAX_BITS = 8
 BN_RANGE_SIGMAS = 6.0          # fast route: an intermediate covers beta +- 6 |gamma| of every channel
@@ -247,27 +246,12 @@ class _Q:
 
 class _IntGraph(GraphBuilder):
     def __init__(self, mode: str, gain: bool, float_weights: str = "float"):
-        super().__init__()
-        self.mode, self.gain, self.float_weights = mode, gain, float_weights
+        super().__init__(float_weights)
+        self.mode, self.gain = mode, gain
         self.codes: list[IntCodes] = []
         self.layers: list[IntLayer] = []
 
     # -------------------------------------------------------------- primitives
-    def fp_weight(self, name: str, t: torch.Tensor) -> str:
-        """A full-precision layer's weight: float32, or (``float_weights="int8"``) int8 with one
-        symmetric scale per output channel (max|w| / 127) and a DequantizeLinear: 4x smaller,
-        computed in float; the only change to the network's arithmetic the integer form makes."""
-        w = t.detach().cpu().double().numpy()
-        if self.float_weights == "float":
-            return self.const(name, w.astype(np.float32))
-        scale = np.abs(w.reshape(w.shape[0], -1)).max(1) / 127.0
-        scale[scale == 0] = 1.0
-        codes = np.rint(w / scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.int8)
-        c = self.const(f"{name}.int8", codes)
-        s = self.const(f"{name}.int8_scale", scale.astype(np.float32))
-        z = self.const(f"{name}.int8_zero_point", np.zeros(w.shape[0], np.int8))
-        return self.op("DequantizeLinear", [c, s, z], f"{name}.dequantize", axis=0)
-
     def scalar(self, name: str, value, dtype) -> str:
         return self.const(name, np.array(value, dtype))
 
@@ -485,7 +469,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
     each conv was written. ValueError naming the layer for anything it cannot express.
 
     ``float_weights="int8"`` stores the squeeze-excite and classifier weights as 8-bit (see
-    :meth:`_IntGraph.fp_weight`); a float stem stays float32 (432 weights)."""
+    :meth:`.graph.GraphBuilder.fp_weight`); a float stem stays float32 (432 weights)."""
     if mode not in MODES:
         raise ValueError(f"onnx-int mode: {mode!r} is not one of {list(MODES)}")
     if float_weights not in FLOAT_WEIGHTS:

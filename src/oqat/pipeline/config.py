@@ -96,6 +96,7 @@ class ExportStage:
     formats: list[str] = field(default_factory=lambda: ["onnx"])
     verify_images: int = 256
     onnx_weights: str = "int8"         # "int8" (codes stored as int8: 4x smaller, OpenVINO's integer kernels) or "float"
+    float_weights: str = "float"       # SE / float classifier weights: "float" (as trained) or "int8" (per channel)
     opset: int = 17
     latency: bool = True               # time the chosen subnets (batch 1, one thread)
     latency_runs: int = 20
@@ -340,8 +341,9 @@ def validate_run_config(cfg: RunConfig, where: str = "config", base_dir: Path | 
     for i, f in enumerate(e.formats):
         if f not in EXPORT_FORMATS:
             raise ValueError(f"{where}.stages.export.formats[{i}]: {f!r} is not one of {list(EXPORT_FORMATS)}")
-    if e.onnx_weights not in ("float", "int8"):
-        raise ValueError(f"{where}.stages.export.onnx_weights: {e.onnx_weights!r} is not 'float' or 'int8'")
+    for key in ("onnx_weights", "float_weights"):
+        if getattr(e, key) not in ("float", "int8"):
+            raise ValueError(f"{where}.stages.export.{key}: {getattr(e, key)!r} is not 'float' or 'int8'")
     if e.verify_images < 1 or e.latency_runs < 1:
         raise ValueError(f"{where}.stages.export.{'verify_images' if e.verify_images < 1 else 'latency_runs'}: "
                          f"must be >= 1")

@@ -24,9 +24,11 @@ def register(sub) -> None:
     p.add_argument("--int-mode", choices=("exact", "fast"), default="exact",
                    help="onnx-int: exact (float epilogue after ConvInteger where h_swish, squeeze-excite or a "
                         "residual follows; default) or fast (QLinearConv everywhere, one extra 8-bit rounding)")
-    p.add_argument("--int-float-weights", choices=("float", "int8"), default="float",
-                   help="onnx-int: squeeze-excite and classifier weights as float32 (default: the trained network "
-                        "exactly) or int8 per output channel (about 2.3x smaller files on mbv3-imagenet)")
+    p.add_argument("--float-weights", "--int-float-weights", dest="float_weights", choices=("float", "int8"),
+                   default="float",
+                   help="onnx, onnx-int: the full-precision layers' weights (squeeze-excite, a float classifier) as "
+                        "float32 (default: the trained network exactly) or int8 per output channel (about 2.3x "
+                        "smaller files on mbv3-imagenet; verified like the rest)")
     p.add_argument("-o", "--output", required=True, help="output file (e.g. model.onnx or model.oqat)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--onnx-weights", choices=("float", "int8"), default="int8",
@@ -103,6 +105,9 @@ def run(args) -> int:
     from ...utils.config import load_json
 
     ensure_output_file(args.output, "-o/--output")
+    if args.format == "oqat" and args.float_weights != "float":
+        raise ValueError("--float-weights: the packed format stores the full-precision weights as trained; "
+                         "int8 applies to --format onnx and onnx-int")
     if args.verify_images < 1:
         raise ValueError(f"--verify-images: expected a positive integer, got {args.verify_images}")
     if args.batch_size < 1:
@@ -125,7 +130,7 @@ def run(args) -> int:
                                verify_images=args.verify_images, seed=args.seed, batch_size=args.batch_size,
                                accuracy=accuracy, class_names=names, source=source, opset=args.opset,
                                weights=args.onnx_weights, verification=dep.verification, calibration=c,
-                               int_mode=args.int_mode, int_float_weights=args.int_float_weights)
+                               int_mode=args.int_mode, float_weights=args.float_weights)
     except VerificationError as exc:
         if exc.report is not None:
             if args.table:

@@ -53,7 +53,8 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> ExportO
                     r = export_subnet(sub, path, fmt, config=measured.ckpt.config, verification=verification,
                                       calibration=measured.calibration(), accuracy=c.test_top1,
                                       source={"checkpoint": str(ckpt), "step": measured.ckpt.step, "run": str(ctx.out)},
-                                      opset=e.opset, weights=e.onnx_weights, progress=False)
+                                      opset=e.opset, weights=e.onnx_weights, float_weights=e.float_weights,
+                                      progress=False)
                 except VerificationError as exc:
                     # Recorded and reported, not fatal: the other subnets and the report still come.
                     bad = unverified_path(path)
