@@ -6,8 +6,9 @@ latency (onnxruntime CPU, 1 thread by default), plus OpenVINO CPU as a second en
 (steps initialised by one forward, BN calibrated on random inputs; speed does not depend on the
 weights); (b) with ``--ckpt`` (repeatable), a subnet of a trained checkpoint (e.g. Fashion-MNIST):
 exported through ``deployable_from_checkpoint`` + ``export_subnet`` (BN re-calibrated, verified on
-held-out images) in both integer modes and as QCDQ, each also with int8 squeeze-excite / classifier
-weights (``+int8``, ``*-int8fp`` files), with the verification figures and the OpenVINO check.
+held-out images) in both integer modes and as QCDQ, the QCDQ file also with int4 weight containers
+and int8 classifier / squeeze-excite weights (``QCDQ_VARIANTS``), each with its verification figures
+and the OpenVINO check.
 
     python benchmarks/bench_deploy.py                                  # (a), 1 thread
     python benchmarks/bench_deploy.py --edge-bits none,8               # (a), float and 8-bit stem/classifier
@@ -36,6 +37,16 @@ from oqat.export.onnx_int import build_onnx_int  # noqa: E402
 from oqat.export.packed import save_packed  # noqa: E402
 from oqat.utils.devices import threads as set_threads  # noqa: E402
 
+# QCDQ files besides the default (int8 codes, float SE and classifier): smaller containers and
+# int8 full-precision weights, each also timed on OpenVINO
+QCDQ_VARIANTS = {"int4": {"weights": "int4"},
+                 "int4-int8cls": {"weights": "int4", "float_weights": "int8-classifier"},
+                 "int8fp": {"weights": "int8", "float_weights": "int8"}}
+# the files part (b) exports through export_subnet and verifies: (label, format, keyword arguments)
+CHECKED = [(f"integer {mode}{'+int8' if fw == 'int8' else ''}", "onnx-int", {"int_mode": mode, "float_weights": fw})
+           for fw in ("float", "int8") for mode in ("exact", "fast")] + \
+          [("qcdq", "onnx", {}), *[(f"qcdq-{name}", "onnx", kw) for name, kw in QCDQ_VARIANTS.items()]]
+
 
 def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
     import onnx
@@ -43,7 +54,7 @@ def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
     info = model_info(sub, preprocessing_for(sub.space, sub.arch.r, None)[0])
     fp32 = export_onnx(fp32_reference(sub), folder / f"{tag}-fp32.onnx")
     qcdq = export_onnx(sub, folder / f"{tag}-qcdq.onnx", weights="int8")
-    qcdq_int8fp = export_onnx(sub, folder / f"{tag}-qcdq-int8fp.onnx", weights="int8", float_weights="int8")
+    variants = {f"qcdq-{name}": export_onnx(sub, folder / f"{tag}-qcdq-{name}.onnx", **kw) for name, kw in QCDQ_VARIANTS.items()}
     paths = {}
     for mode, fw in (("exact", "float"), ("fast", "float"), ("exact", "int8"), ("fast", "int8")):
         model, _, _ = build_onnx_int(sub, info=info, mode=mode, float_weights=fw)
@@ -51,7 +62,7 @@ def write_files(sub, folder: Path, tag: str) -> DeploymentFiles:
         onnx.save_model(model, str(paths[(mode, fw)]))
     packed = save_packed(sub, folder / f"{tag}.oqat", info)
     return DeploymentFiles(fp32=fp32, qcdq=qcdq, integer=paths[("exact", "float")], packed=packed,
-                           extra={"qcdq-int8fp": qcdq_int8fp, "integer-fast": paths[("fast", "float")], "integer-int8fp": paths[("exact", "int8")],
+                           extra={**variants, "integer-fast": paths[("fast", "float")], "integer-int8fp": paths[("exact", "int8")],
                                   "integer-fast-int8fp": paths[("fast", "int8")]})
 
 
@@ -99,24 +110,23 @@ def run(args) -> None:
             arch = arch.replace(bits=header.bits)
             dep = deployable_from_checkpoint(ckpt, arch, verify_images=args.verify_images)
             reports, ov = {}, {}
-            for fmt, mode in [("onnx-int", m) for m in ("exact", "fast", "exact+int8", "fast+int8")] + \
-                             [("onnx", "qcdq"), ("onnx", "qcdq+int8")]:
+            for i, (label, fmt, kw) in enumerate(CHECKED):
+                kw = {"weights": "int8", **kw}
                 try:
-                    res = export_subnet(dep.sub, folder / f"ck-{mode}.onnx", fmt, config=dep.ckpt.config,
-                                        verification=dep.verification, calibration=dep.calibration, weights="int8",
-                                        int_mode=mode.split("+")[0] if fmt == "onnx-int" else "exact", progress=False,
-                                        float_weights="int8" if "+int8" in mode else "float")
+                    res = export_subnet(dep.sub, folder / f"ck-{i}.onnx", fmt, config=dep.ckpt.config,
+                                        verification=dep.verification, calibration=dep.calibration, progress=False,
+                                        **kw)
                     rep = res.report
                     if res.info.get("openvino"):   # export_subnet checks a QCDQ file on OpenVINO where installed
-                        ov[mode] = res.info["openvino"]
+                        ov[label] = res.info["openvino"]
                 except Exception as exc:           # VerificationError keeps the report
                     rep = getattr(exc, "report", None)
-                    print(f"{mode}: {exc}")
-                print(f"--- {ckpt} ({header.bits}-bit), {'integer ' if fmt == 'onnx-int' else ''}{mode}:")
+                    print(f"{label}: {exc}")
+                print(f"--- {ckpt} ({header.bits}-bit), {label}:")
                 print(rep.summary() if rep else "no report")
-                if mode in ov:
-                    print(f"OpenVINO on this file: {ov[mode]}")
-                reports[mode] = rep.to_dict() if rep else None
+                if label in ov:
+                    print(f"OpenVINO on this file: {ov[label]}")
+                reports[label] = rep.to_dict() if rep else None
             files = write_files(dep.sub, folder, "ck")
             row = deployment_row(files, subnet=f"{header.space.name} {arch.to_json()}", bits=header.bits,
                                  resolution=arch.r, in_channels=header.space.in_channels, threads=args.threads,

@@ -323,3 +323,17 @@ def test_ofa_and_oqa_layouts_refuse_quantized_edges():
         to_ofa(build_supernet(space, 32).state_dict(), space, 32)
     with pytest.raises(ValueError, match="edge_bits: 8"):
         to_oqa(build_supernet(space, 4, unsigned_activations=True).state_dict(), space, 4, True)
+
+
+def test_int4_file_keeps_the_8_bit_edges_in_int8_and_verifies():
+    sub, x, y = _trained()
+    model, codes = build_onnx(sub, weights="int4")
+    kinds = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {c.name: c for c in codes if c.kind == "weight"}
+    for name, c in weights.items():
+        parts = [k for k in kinds if k.startswith(f"{name}.codes") and not k.endswith(".scale")]
+        assert parts and all(kinds[k] == (onnx.TensorProto.INT4 if c.bits <= 4 else onnx.TensorProto.INT8)
+                             for k in parts), name
+    assert weights["stem.weight_quant"].bits == 8 and weights["blocks.0.expand.weight_quant"].bits == 4
+    rep = verify_onnx(model, sub, x, labels=y, progress=False)
+    assert rep.ok and _weights_exact(rep), rep.summary()

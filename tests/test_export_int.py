@@ -7,6 +7,7 @@ import functools
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import SYNTHETIC, trained_smallest_subnet
@@ -37,6 +38,12 @@ def _trained(bits: int):
     test (random networks are chaotic; 25 SGD steps left the loss at chance and 2 bits diverged).
     Seeded by `bits` first: an unseeded draw made this subnet depend on the tests that ran before."""
     return trained_smallest_subnet(SPACE, bits, seed=bits, steps=80)
+
+
+def _ort_logits(model, x: torch.Tensor) -> np.ndarray:
+    from oqat.export.verify import ort_session
+
+    return ort_session(model, optimize=False).run(None, {"input": x.numpy()})[0]
 
 
 def _ops(model):
@@ -298,8 +305,62 @@ def test_int8_float_weights_are_per_channel_codes_of_the_weights():
     plain = GraphBuilder()
     plain.fp_weight("se.w", w)
     assert not plain.nodes and numpy_helper.to_array(plain.inits[0]).dtype == np.float32
+    only = GraphBuilder("int8-classifier")              # squeeze-excite float, the classifier int8
+    only.fp_weight("se.w", w, role="se")
+    only.fp_weight("classifier.weight", w[:, :, 0, 0], role="classifier")
+    assert [n.op_type for n in only.nodes] == ["DequantizeLinear"] and only.nodes[0].input[0] == "classifier.weight.int8"
+    assert numpy_helper.to_array(only.inits[0]).dtype == np.float32
     with pytest.raises(ValueError, match="float weights: 'int4'"):
         GraphBuilder("int4")
+
+
+def test_int4_constants_pack_two_codes_per_byte():
+    from oqat.export.graph import GraphBuilder
+
+    g = GraphBuilder()
+    for n, shape in enumerate([(7,), (5, 3, 1, 1), (16, 4)]):
+        codes = np.random.default_rng(n).integers(-8, 8, shape).astype(np.int8)
+        codes.flat[0], codes.flat[-1] = -8, 7                          # both ends of the grid
+        g.int4_const(f"c{n}", codes)
+        t = g.inits[-1]
+        assert t.data_type == onnx.TensorProto.INT4 and len(t.raw_data) == (codes.size + 1) // 2
+        np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), codes)
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_int4_containers_hold_the_same_codes_in_half_the_bytes(bits, tmp_path):
+    """--onnx-weights int4: codes of 4 bits or fewer as INT4 initializers (opset 21), each Cast to
+    int8 before its DequantizeLinear, so the file computes exactly what the int8 file does; 8-bit
+    codes stay int8. OpenVINO runs every quantized conv of it on int8 kernels still."""
+    from oqat.export import openvino_check as ovc
+    from oqat.export.verify import verify_onnx
+
+    TensorProto = onnx.TensorProto
+    sub, x, y = _trained(bits)
+    m8, codes8 = build_onnx(sub, weights="int8")
+    m4, codes4 = build_onnx(sub, weights="int4")
+    assert m4.opset_import[0].version == 21 and m8.opset_import[0].version == 17
+    weights = {c.tensor for c in codes4 if c.kind == "weight"}
+    assert weights == {c.tensor for c in codes8 if c.kind == "weight"}
+    inits = {i.name: i for i in m4.graph.initializer if i.name in weights}
+    assert {i.data_type for i in inits.values()} == {TensorProto.INT4 if bits <= 4 else TensorProto.INT8}
+    casts = [n for n in m4.graph.node if n.op_type == "Cast"]
+    assert len(casts) == (len(inits) if bits <= 4 else 0)
+    saved = sum(int(np.prod(i.dims)) for i in inits.values() if i.data_type == TensorProto.INT4) // 2
+    assert len(m4.SerializeToString()) <= len(m8.SerializeToString()) - 0.9 * saved
+    a = _ort_logits(m8, x[:16])
+    np.testing.assert_array_equal(a, _ort_logits(m4, x[:16]))
+    rep = verify_onnx(m4, sub, x, labels=y, progress=False)
+    assert rep.ok, rep.summary()
+    assert {t.name for t in rep.tensors if t.kind == "weight"} == {c.name for c in codes4 if c.kind == "weight"}
+    assert all(t.differing == 0 for t in rep.tensors if t.kind == "weight")
+    if ovc.available():
+        path = tmp_path / "m4.onnx"
+        onnx.save(m4, str(path))
+        ov = ovc.verify_openvino(path, sub, x, labels=y)
+        assert ov.ok and ov.int_convs == ov.expected_int == len(_qconvs(sub)), ov.failures
+    with pytest.raises(ValueError, match="opset: 17 has no INT4 tensors"):
+        build_onnx(sub, weights="int4", opset=17)
 
 
 def test_qcdq_file_with_int8_float_weights_is_smaller_measured_and_timed(tmp_path):
@@ -319,7 +380,7 @@ def test_qcdq_file_with_int8_float_weights_is_smaller_measured_and_timed(tmp_pat
     small = export_onnx(sub, tmp_path / "q8.onnx", info=info, weights="int8", float_weights="int8")
     assert small.stat().st_size < 0.8 * plain.stat().st_size
     assert read_onnx_info(small)["float_weights"] == "int8" and read_onnx_info(plain)["float_weights"] == "float"
-    model = __import__("onnx").load(str(small))
+    model = onnx.load(str(small))
     floats = [i.name for i in model.graph.initializer if i.data_type == 1 and i.name.endswith("weight")]
     assert not [n for n in floats if ".se." in n or n.startswith("classifier")], floats
     assert any(i.name.startswith("classifier.weight.int8") for i in model.graph.initializer)

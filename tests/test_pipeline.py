@@ -276,6 +276,8 @@ def _error(raw: dict) -> str:
     (lambda r: r["stages"]["baseline"]["arch"].update(r=13), r"stages\.baseline\.arch: r: 13"),
     (lambda r: r["stages"]["baseline"].update(arch=None), r"stages\.baseline\.arch: required"),
     (lambda r: r["stages"]["export"].update(formats=["tflite"]), r"stages\.export\.formats\[0\]: 'tflite'"),
+    (lambda r: r["stages"]["export"].update(onnx_weights="int2"), r"stages\.export\.onnx_weights: 'int2' is not one of"),
+    (lambda r: r["stages"]["export"].update(float_weights="fp16"), r"stages\.export\.float_weights: 'fp16' is not one of"),
     (lambda r: r["stages"]["supernet"].update(max_steps=0), r"stages\.supernet\.train\.max_steps: must be >= 1"),
     (lambda r: r["stages"]["supernet"].update(train={"epochs": 2}),
      r"stages\.supernet\.epochs: given twice"),

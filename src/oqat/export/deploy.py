@@ -158,7 +158,7 @@ def unverified_path(path: Path) -> Path:
 
 def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | None = None, verify: bool = True,
                   verify_images: int = 256, seed: int = 0, batch_size: int = 32, accuracy: float | None = None,
-                  class_names: list[str] | None = None, source: dict | None = None, opset: int = DEFAULT_OPSET,
+                  class_names: list[str] | None = None, source: dict | None = None, opset: int | None = None,
                   weights: str = "int8", verification: VerificationData | None = None,
                   calibration: dict | None = None, progress: bool | None = None,
                   int_mode: str = DEFAULT_MODE, float_weights: str = "float",
@@ -209,7 +209,7 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
             if fmt == "onnx":
                 model, _ = build_onnx(sub, info=info, opset=opset, weights=weights, float_weights=float_weights)
             else:
-                model, _, _ = build_onnx_int(sub, info=info, opset=opset, mode=int_mode,
+                model, _, _ = build_onnx_int(sub, info=info, opset=DEFAULT_OPSET if opset is None else opset, mode=int_mode,
                                              float_weights=float_weights)
             onnx.save_model(model, str(tmp))
         else:

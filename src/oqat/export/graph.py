@@ -19,7 +19,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-FLOAT_WEIGHTS = ("float", "int8")   # how the full-precision layers' weights are stored (GraphBuilder.fp_weight)
+# How the full-precision layers' weights are stored (GraphBuilder.fp_weight): all float32, all
+# int8 (squeeze-excite and a float classifier), or only the classifier's int8.
+FLOAT_WEIGHTS = ("float", "int8", "int8-classifier")
 
 
 class GraphBuilder:
@@ -41,15 +43,29 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(np.asarray(array), self._new(name)))
         return name
 
+    def int4_const(self, name: str, codes: np.ndarray) -> str:
+        """An INT4 initializer of integer `codes` in [-8, 7], packed two per byte in raw data
+        (the first of each pair in the low nibble, as ONNX lays them out): ``make_tensor`` on the
+        values themselves writes one varint per pair, 1.4x the packed size."""
+        nibbles = (np.asarray(codes, np.int8).ravel() & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        self.inits.append(helper.make_tensor(self._new(name), TensorProto.INT4, codes.shape, packed.tobytes(), raw=True))
+        return name
+
     def param(self, name: str, t: torch.Tensor) -> str:
         return self.const(name, t.detach().cpu().float().numpy())
 
-    def fp_weight(self, name: str, t: torch.Tensor) -> str:
-        """A full-precision layer's weight (squeeze-excite, a float classifier): float32, or
-        (``float_weights="int8"``) int8 with one symmetric scale per output channel (max|w| / 127)
-        and a DequantizeLinear: 4x smaller, still computed in float; the only change to the
-        trained network's arithmetic an export makes, so the export's verification measures it."""
-        if self.float_weights == "float":
+    def fp_weight(self, name: str, t: torch.Tensor, role: str = "se") -> str:
+        """A full-precision layer's weight (`role` "se" for squeeze-excite, "classifier" for a
+        float classifier): float32, or where ``float_weights`` asks (``"int8"``: both roles;
+        ``"int8-classifier"``: the classifier only) int8 with one symmetric scale per output
+        channel (max|w| / 127) and a DequantizeLinear: 4x smaller, still computed in float; the
+        only change to the trained network's arithmetic an export makes, so the export's
+        verification measures it. Squeeze-excite gates whole channels and was the sensitive part
+        on trained subnets (RESULTS.md "Session 14"), hence the classifier-only choice."""
+        if self.float_weights == "float" or (self.float_weights == "int8-classifier" and role != "classifier"):
             return self.param(name, t)
         w = t.detach().cpu().double().numpy()
         scale = np.abs(w.reshape(w.shape[0], -1)).max(1) / 127.0
@@ -100,7 +116,7 @@ class GraphBuilder:
         if isinstance(linear, QLinear):
             x, weights = self.quantized_linear_inputs("classifier", linear, x)
         else:
-            weights = (self.fp_weight("classifier.weight", linear.weight),)
+            weights = (self.fp_weight("classifier.weight", linear.weight, role="classifier"),)
         bias = self.param("classifier.bias", linear.bias)
         out = self._new(OUTPUT_NAME)
         if len(weights) == 1:

@@ -16,7 +16,8 @@ QCDQ pattern, and access to every code tensor for verification, independent of t
 torch.onnx exporter in use.
 
 ``weights="int8"`` stores the weight codes themselves as int8 initializers followed by
-``DequantizeLinear`` (about 4x smaller files; the codes are checked to lie in the b-bit range).
+``DequantizeLinear`` (about 4x smaller files; the codes are checked to lie in the b-bit range);
+``weights="int4"`` stores those of 4 bits or fewer two per byte (opset 21), the same computation.
 ``float_weights="int8"`` does the same for the full-precision layers' weights (squeeze-excite, a
 float classifier) with an 8-bit per-channel grid of their own (:meth:`.graph.GraphBuilder.fp_weight`):
 the one option that changes the network's arithmetic, measured by the export's verification.
@@ -48,7 +49,14 @@ from .graph import INPUT_NAME, GraphBuilder
 from .meta import check_initialized, from_string_map
 
 DEFAULT_OPSET = 17
-WEIGHT_MODES = ("float", "int8")
+INT4_OPSET = 21          # the first opset with INT4 tensors (and their Cast)
+WEIGHT_MODES = ("float", "int8", "int4")
+INT4_RANGE = (-8, 7)
+
+
+def default_opset(weights: str) -> int:
+    """The opset a QCDQ file with `weights` storage is written in unless asked otherwise."""
+    return INT4_OPSET if weights == "int4" else DEFAULT_OPSET
 
 
 def _scale_value(quantizer: LSQQuantizer) -> np.float32:
@@ -64,12 +72,15 @@ def weight_codes(weight: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
 
 
 def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, q: LSQQuantizer,
-                             split: CodeSplit | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+                             split: CodeSplit | None = None, int4: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A weight's trained codes as the int8 initializer ``<qname>.codes`` and its
     ``DequantizeLinear`` (scale ``|s|``, zero point 0), or with ``split`` as its two int8 parts
     ``<qname><suffix>``, each with its own: (code initializers, dequantized weights), weights whose
     layers add up to the layer on the codes. How both ONNX forms store a quantized weight that a
-    float op consumes."""
+    float op consumes. ``int4``: the codes of a weight of 4 bits or fewer are stored as INT4 (two per byte)
+    and ``Cast`` to int8 before their DequantizeLinear: engines fold the Cast into an int8
+    constant, so OpenVINO still runs the layer on int8 kernels (a DequantizeLinear of the INT4
+    tensor itself made it decompress the weights and convolve in f32, measured)."""
     if not q.signed:
         raise ValueError(f"{qname}: int8 weight storage needs a signed weight quantizer")
     codes = weight_codes(weight, q).cpu().numpy()
@@ -86,9 +97,16 @@ def dequantized_weight_codes(g: GraphBuilder, qname: str, weight: torch.Tensor, 
     z = g.const(f"{qname}.zero_point", np.array(0, np.int8))
     inits, weights = [], []
     for init_suffix, node_suffix, part, scale in parts:
-        inits.append(g.const(f"{qname}{init_suffix}", part.astype(np.int8)))
+        if int4 and q.bits <= 4:
+            if part.min() < INT4_RANGE[0] or part.max() > INT4_RANGE[1]:  # cannot happen: b <= 4 codes and parts
+                raise RuntimeError(f"{qname}{init_suffix}: codes outside the INT4 range")
+            inits.append(g.int4_const(f"{qname}{init_suffix}", part))
+            stored = g.op("Cast", [inits[-1]], f"{qname}{node_suffix}.int8", to=TensorProto.INT8)
+        else:
+            inits.append(g.const(f"{qname}{init_suffix}", part.astype(np.int8)))
+            stored = inits[-1]
         sc = g.const(f"{qname}{node_suffix}.scale", scale)
-        weights.append(g.op("DequantizeLinear", [inits[-1], sc, z], f"{qname}{node_suffix}.dequantize"))
+        weights.append(g.op("DequantizeLinear", [stored, sc, z], f"{qname}{node_suffix}.dequantize"))
     return tuple(inits), tuple(weights)
 
 
@@ -134,7 +152,7 @@ class _Graph(GraphBuilder):
         return self.op("DequantizeLinear", [c, s, z], f"{qname}.dequantize")
 
     def int_weights(self, qname: str, weight: torch.Tensor, q: LSQQuantizer, split: CodeSplit | None) -> tuple[str, ...]:
-        inits, weights = dequantized_weight_codes(self, qname, weight, q, split)
+        inits, weights = dequantized_weight_codes(self, qname, weight, q, split, int4=self.weights == "int4")
         self.codes.append(CodeTensor(qname, "weight", q.bits, q.signed, inits[0], initializer=True))
         return weights
 
@@ -144,7 +162,7 @@ class _Graph(GraphBuilder):
         if not layer.quantizes_weight:
             return (self.param(f"{name}.weight", layer.weight),)
         q, qname = layer.weight_quant, f"{name}.weight_quant"
-        if self.weights != "int8":
+        if self.weights == "float":
             return (self.qcdq(qname, self.param(f"{name}.weight", layer.weight), q, "weight"),)
         return self.int_weights(qname, layer.weight, q, weight_split(layer))
 
@@ -189,17 +207,20 @@ def _check_supported(sub: nn.Module) -> None:
     check_initialized(sub)
 
 
-def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, weights: str = "float",
+def build_onnx(sub, *, info: dict | None = None, opset: int | None = None, weights: str = "float",
                float_weights: str = "float", expose_codes: bool = False) -> tuple[onnx.ModelProto, list[CodeTensor]]:
     """The ONNX model of an extracted subnet (eval semantics), and its quantized tensors.
 
     ``expose_codes`` adds every Clip output (the integer codes) as an extra graph output: the
     verification copy. Input ``input`` is (batch, C, r, r) with a dynamic batch; output ``logits``.
     """
-    if opset < 13:
-        raise ValueError(f"opset: {opset} is too old; Clip on int8/uint8 needs opset >= 13 (use 17)")
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights: {weights!r} is not one of {list(WEIGHT_MODES)}")
+    opset = default_opset(weights) if opset is None else opset
+    if opset < 13:
+        raise ValueError(f"opset: {opset} is too old; Clip on int8/uint8 needs opset >= 13 (use 17)")
+    if weights == "int4" and opset < INT4_OPSET:
+        raise ValueError(f"opset: {opset} has no INT4 tensors; int4 weight storage needs opset >= {INT4_OPSET}")
     _check_supported(sub)
     g = _Graph(weights, float_weights)
     with torch.no_grad():
@@ -220,7 +241,7 @@ def build_onnx(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, wei
     return model, g.codes
 
 
-def export_onnx(sub, path: str | Path, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
+def export_onnx(sub, path: str | Path, *, info: dict | None = None, opset: int | None = None,
                 weights: str = "float", float_weights: str = "float") -> Path:
     """Write the ONNX model of ``sub`` to ``path`` (see :func:`build_onnx`)."""
     model, _ = build_onnx(sub, info=info, opset=opset, weights=weights, float_weights=float_weights)

@@ -215,7 +215,7 @@ def ort_session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, t
 
 
 def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str], dict[str, np.ndarray]]:
-    """A copy whose Clip outputs ``<q>.codes`` are graph outputs; also the int8 weight-code initializers."""
+    """A copy whose Clip outputs ``<q>.codes`` are graph outputs; also the int8 / INT4 weight-code initializers."""
     from onnx import numpy_helper
 
     m = onnx.ModelProto()
@@ -229,6 +229,8 @@ def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             if tensor not in present:
                 m.graph.output.append(onnx.ValueInfoProto(name=tensor))
     arrays = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    arrays = {k: a.astype(np.int8) if i.data_type == onnx.TensorProto.INT4 else a      # ml_dtypes int4 wraps
+              for (k, a), i in zip(arrays.items(), m.graph.initializer)}
     inits = {name[: -len(".codes")]: a for name, a in arrays.items() if name.endswith(".codes")}
     inits.update(joined_codes(arrays))
     return m, outputs, inits

@@ -16,6 +16,8 @@ from typing import Any
 
 from ..data import DataConfig
 from ..export.deploy import FORMATS as EXPORT_FORMATS
+from ..export.graph import FLOAT_WEIGHTS
+from ..export.onnx import WEIGHT_MODES
 from ..search import METRICS, Budget, CostModel, SearchConfig, check_budget_feasible
 from ..space import QUANT_BITS, Arch, SearchSpace
 from ..training import ModelConfig, TrainConfig
@@ -95,9 +97,9 @@ class ExportStage:
     enabled: bool = True
     formats: list[str] = field(default_factory=lambda: ["onnx"])
     verify_images: int = 256
-    onnx_weights: str = "int8"         # "int8" (codes stored as int8: 4x smaller, OpenVINO's integer kernels) or "float"
+    onnx_weights: str = "int8"         # "int8" (codes stored as int8: 4x smaller, OpenVINO's integer kernels), "int4" or "float"
     float_weights: str = "float"       # SE / float classifier weights: "float" (as trained) or "int8" (per channel)
-    opset: int = 17
+    opset: int | None = None           # 17, or 21 with onnx_weights int4
     latency: bool = True               # time the chosen subnets (batch 1, one thread)
     latency_runs: int = 20
 
@@ -341,9 +343,9 @@ def validate_run_config(cfg: RunConfig, where: str = "config", base_dir: Path | 
     for i, f in enumerate(e.formats):
         if f not in EXPORT_FORMATS:
             raise ValueError(f"{where}.stages.export.formats[{i}]: {f!r} is not one of {list(EXPORT_FORMATS)}")
-    for key in ("onnx_weights", "float_weights"):
-        if getattr(e, key) not in ("float", "int8"):
-            raise ValueError(f"{where}.stages.export.{key}: {getattr(e, key)!r} is not 'float' or 'int8'")
+    for key, allowed in (("onnx_weights", WEIGHT_MODES), ("float_weights", FLOAT_WEIGHTS)):
+        if getattr(e, key) not in allowed:
+            raise ValueError(f"{where}.stages.export.{key}: {getattr(e, key)!r} is not one of {list(allowed)}")
     if e.verify_images < 1 or e.latency_runs < 1:
         raise ValueError(f"{where}.stages.export.{'verify_images' if e.verify_images < 1 else 'latency_runs'}: "
                          f"must be >= 1")

@@ -24,16 +24,18 @@ def register(sub) -> None:
     p.add_argument("--int-mode", choices=("exact", "fast"), default="exact",
                    help="onnx-int: exact (float epilogue after ConvInteger where h_swish, squeeze-excite or a "
                         "residual follows; default) or fast (QLinearConv everywhere, one extra 8-bit rounding)")
-    p.add_argument("--float-weights", "--int-float-weights", dest="float_weights", choices=("float", "int8"),
-                   default="float",
+    p.add_argument("--float-weights", "--int-float-weights", dest="float_weights",
+                   choices=("float", "int8", "int8-classifier"), default="float",
                    help="onnx, onnx-int: the full-precision layers' weights (squeeze-excite, a float classifier) as "
-                        "float32 (default: the trained network exactly) or int8 per output channel (about 2.3x "
-                        "smaller files on mbv3-imagenet; verified like the rest)")
+                        "float32 (default: the trained network exactly), int8 per output channel (about 2.3x smaller "
+                        "files on mbv3-imagenet), or int8 for the classifier only (squeeze-excite is the sensitive "
+                        "part); verified like the rest")
     p.add_argument("-o", "--output", required=True, help="output file (e.g. model.onnx or model.oqat)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--onnx-weights", choices=("float", "int8"), default="int8",
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 21 with --onnx-weights int4)")
+    p.add_argument("--onnx-weights", choices=("float", "int8", "int4"), default="int8",
                    help="int8 (default): the integer codes stored as int8 followed by DequantizeLinear (4x smaller; "
-                        "OpenVINO runs the convs on integer kernels); float: weights stored as float32 and quantized "
+                        "OpenVINO runs the convs on integer kernels); int4: codes of 4 bits or fewer two per byte "
+                        "(opset 21; the same logits and kernels); float: weights stored as float32 and quantized "
                         "in the graph (the same logits)")
     p.add_argument("--verify-images", type=int, default=256, help="inputs used for verification (default 256)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
