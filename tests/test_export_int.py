@@ -17,7 +17,7 @@ from oqat import SearchSpace, build_supernet
 from oqat.cli import main
 from oqat.export import ExportedModel, export_subnet
 from oqat.export.deployment import DeploymentFiles, cpu_isa, deployment_row, fp32_reference
-from oqat.export.onnx import build_onnx, export_onnx
+from oqat.export.onnx import build_onnx, export_onnx, int4_supported
 from oqat.export.onnx_int import build_onnx_int, choose_gains, fold, layer_gain
 from oqat.export.verify import torch_forward
 from oqat.export.verify_int import check_graph, verify_onnx_int, weight_codes_of
@@ -327,6 +327,26 @@ def test_int4_constants_pack_two_codes_per_byte():
         np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), codes)
 
 
+def test_int4_files_need_an_onnxruntime_that_loads_them(tmp_path, monkeypatch):
+    from oqat.export.onnx import check_int4_runtime, int4_supported
+
+    assert not int4_supported("1.22.1") and int4_supported("1.23.0") and int4_supported("1.32.0")
+    with pytest.raises(ValueError, match=r"onnxruntime 1\.18\.0 cannot load INT4 weights .* >= 1\.23"):
+        check_int4_runtime("1.18.0")
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    sub, x, y = _trained(4)
+    with pytest.raises(ValueError, match="onnxruntime 1.22.1 cannot load INT4"):
+        export_subnet(sub, tmp_path / "m.onnx", "onnx", weights="int4", verify=False)
+    assert not list(tmp_path.iterdir())                  # refused before anything was written
+
+
+INT4_RUNTIME = pytest.mark.skipif(not int4_supported(),
+                                  reason="this onnxruntime cannot load INT4 weights (needs >= 1.23)")
+
+
+@INT4_RUNTIME
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_int4_containers_hold_the_same_codes_in_half_the_bytes(bits, tmp_path):
     """--onnx-weights int4: codes of 4 bits or fewer as INT4 initializers (opset 21), each Cast to

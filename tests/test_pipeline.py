@@ -291,6 +291,15 @@ def test_config_errors_name_the_key(edit, where):
     assert re.search(where, _error(raw)), _error(raw)
 
 
+def test_int4_export_on_an_onnxruntime_that_cannot_load_it_is_a_config_error(monkeypatch):
+    import onnxruntime
+
+    raw = _raw()
+    raw["stages"]["export"].update(onnx_weights="int4", formats=["onnx"])
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.0")
+    assert re.search(r"stages\.export\.onnx_weights: int4 weight storage: onnxruntime 1\.20\.0 cannot", _error(raw))
+
+
 def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     from oqat.cli import main
 

@@ -15,7 +15,7 @@ from ..measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES, load_context
 from ..models import Checkpoint, load_checkpoint, load_supernet
 from . import openvino_check as ovc
 from .meta import model_info, preprocessing_for, to_string_map
-from .onnx import DEFAULT_OPSET, build_onnx
+from .onnx import DEFAULT_OPSET, build_onnx, check_int4_runtime
 from .onnx_int import DEFAULT_MODE, build_onnx_int
 from .packed import load_packed, plain_permissions, save_packed
 from .verify import (
@@ -183,6 +183,8 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
     """
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {list(FORMATS)}")
+    if fmt == "onnx" and weights == "int4":
+        check_int4_runtime()            # before anything is written: the verification could not load the file
     out = Path(out)
     notes: list[str] = []
     sub.eval()

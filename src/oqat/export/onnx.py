@@ -31,6 +31,7 @@ agreement on the stem alone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,28 @@ DEFAULT_OPSET = 17
 INT4_OPSET = 21          # the first opset with INT4 tensors (and their Cast)
 WEIGHT_MODES = ("float", "int8", "int4")
 INT4_RANGE = (-8, 7)
+
+
+INT4_ONNXRUNTIME = (1, 23)   # the first onnxruntime with a Cast from INT4 (1.18-1.22 refuse such a file, measured)
+
+
+def int4_supported(onnxruntime_version: str | None = None) -> bool:
+    """Whether onnxruntime (the installed one by default) loads a ``weights="int4"`` file."""
+    if onnxruntime_version is None:
+        import onnxruntime
+
+        onnxruntime_version = onnxruntime.__version__
+    return tuple(int(p) for p in re.findall(r"\d+", onnxruntime_version)[:2]) >= INT4_ONNXRUNTIME
+
+
+def check_int4_runtime(onnxruntime_version: str | None = None) -> None:
+    """ValueError unless onnxruntime can run (and so verify) an int4 file."""
+    if not int4_supported(onnxruntime_version):
+        import onnxruntime
+
+        found = onnxruntime_version or onnxruntime.__version__
+        raise ValueError(f"int4 weight storage: onnxruntime {found} cannot load INT4 weights (their Cast needs "
+                         f"onnxruntime >= {'.'.join(map(str, INT4_ONNXRUNTIME))}); use int8 or upgrade onnxruntime")
 
 
 def default_opset(weights: str) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from ..data import DataConfig
 from ..export.deploy import FORMATS as EXPORT_FORMATS
 from ..export.graph import FLOAT_WEIGHTS
-from ..export.onnx import WEIGHT_MODES
+from ..export.onnx import WEIGHT_MODES, check_int4_runtime
 from ..search import METRICS, Budget, CostModel, SearchConfig, check_budget_feasible
 from ..space import QUANT_BITS, Arch, SearchSpace
 from ..training import ModelConfig, TrainConfig
@@ -346,6 +346,11 @@ def validate_run_config(cfg: RunConfig, where: str = "config", base_dir: Path | 
     for key, allowed in (("onnx_weights", WEIGHT_MODES), ("float_weights", FLOAT_WEIGHTS)):
         if getattr(e, key) not in allowed:
             raise ValueError(f"{where}.stages.export.{key}: {getattr(e, key)!r} is not one of {list(allowed)}")
+    if e.enabled and e.onnx_weights == "int4" and "onnx" in e.formats:
+        try:
+            check_int4_runtime()        # at load time, not after the training stages
+        except ValueError as exc:
+            raise ValueError(f"{where}.stages.export.onnx_weights: {exc}") from None
     if e.verify_images < 1 or e.latency_runs < 1:
         raise ValueError(f"{where}.stages.export.{'verify_images' if e.verify_images < 1 else 'latency_runs'}: "
                          f"must be >= 1")
