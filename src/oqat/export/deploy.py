@@ -165,8 +165,9 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
                   openvino: bool | None = None) -> ExportResult:
     """Write ``sub`` to ``out`` as ONNX (``fmt="onnx"``), integer ONNX (``"onnx-int"``, mode
     ``int_mode``, see :mod:`oqat.export.onnx_int`) or packed (``"oqat"``) and verify the file.
-    ``float_weights="int8"`` stores the full-precision layers' weights of either ONNX form as int8
-    (:meth:`oqat.export.graph.GraphBuilder.fp_weight`); the verification measures what that costs.
+    ``float_weights="int8"`` / ``"int8-classifier"`` stores the full-precision layers' weights of
+    either ONNX form (or the classifier's alone) as int8 (:meth:`oqat.export.graph.GraphBuilder.fp_weight`);
+    the verification measures what that costs. ``weights="int4"`` needs onnxruntime >= 1.23.
 
     ``sub`` is exported as it is: pass the deployable (BN re-calibrated) subnet and its
     ``calibration`` record (:class:`Deployable`), which the metadata stores; without one the

@@ -18,9 +18,10 @@ torch.onnx exporter in use.
 ``weights="int8"`` stores the weight codes themselves as int8 initializers followed by
 ``DequantizeLinear`` (about 4x smaller files; the codes are checked to lie in the b-bit range);
 ``weights="int4"`` stores those of 4 bits or fewer two per byte (opset 21), the same computation.
-``float_weights="int8"`` does the same for the full-precision layers' weights (squeeze-excite, a
-float classifier) with an 8-bit per-channel grid of their own (:meth:`.graph.GraphBuilder.fp_weight`):
-the one option that changes the network's arithmetic, measured by the export's verification.
+``float_weights="int8"`` (or ``"int8-classifier"``) does the same for the full-precision layers'
+weights (squeeze-excite and a float classifier, or the classifier alone) with an 8-bit per-channel
+grid of their own (:meth:`.graph.GraphBuilder.fp_weight`): the one option that changes the
+network's arithmetic, measured by the export's verification.
 
 The stem of an ``edge_bits`` space (a signed input, a 3x3 kernel), and its 8-bit classifier where
 a trained code lies beyond +-64, are each written as two layers on the same input, on two int8
@@ -53,8 +54,6 @@ DEFAULT_OPSET = 17
 INT4_OPSET = 21          # the first opset with INT4 tensors (and their Cast)
 WEIGHT_MODES = ("float", "int8", "int4")
 INT4_RANGE = (-8, 7)
-
-
 INT4_ONNXRUNTIME = (1, 23)   # the first onnxruntime with a Cast from INT4 (1.18-1.22 refuse such a file, measured)
 
 

@@ -228,9 +228,8 @@ def _with_code_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             outputs[tensor[: -len(".codes")]] = tensor
             if tensor not in present:
                 m.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    arrays = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    arrays = {k: a.astype(np.int8) if i.data_type == onnx.TensorProto.INT4 else a      # ml_dtypes int4 wraps
-              for (k, a), i in zip(arrays.items(), m.graph.initializer)}
+    arrays = {i.name: numpy_helper.to_array(i).astype(np.int8) if i.data_type == onnx.TensorProto.INT4
+              else numpy_helper.to_array(i) for i in m.graph.initializer}     # ml_dtypes int4 arithmetic wraps
     inits = {name[: -len(".codes")]: a for name, a in arrays.items() if name.endswith(".codes")}
     inits.update(joined_codes(arrays))
     return m, outputs, inits

@@ -98,7 +98,7 @@ class ExportStage:
     formats: list[str] = field(default_factory=lambda: ["onnx"])
     verify_images: int = 256
     onnx_weights: str = "int8"         # "int8" (codes stored as int8: 4x smaller, OpenVINO's integer kernels), "int4" or "float"
-    float_weights: str = "float"       # SE / float classifier weights: "float" (as trained) or "int8" (per channel)
+    float_weights: str = "float"       # SE / float classifier weights: "float" (as trained), "int8", "int8-classifier"
     opset: int | None = None           # 17, or 21 with onnx_weights int4
     latency: bool = True               # time the chosen subnets (batch 1, one thread)
     latency_runs: int = 20

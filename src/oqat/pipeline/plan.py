@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data import DataConfig
+from ..export.onnx import default_opset
 from ..search import Budget, Constraint
 from ..space import FULL_PRECISION, Arch, SearchSpace, cost
 from ..training import TrainConfig
@@ -152,6 +153,11 @@ def plan_stages(cfg: RunConfig, space: SearchSpace, data: DataConfig) -> list[St
         # (earlier runs exported the supernet's statistics; their export stage must not be reused).
         spec = {**{k: v for k, v in to_dict(e).items() if k not in ("enabled", "latency_runs")},
                 "bn_recalibration": "as the search"}
+        # the opset the files get, and float_weights only where it is not the default: the hash of
+        # an export stage run before these settings existed stays the same
+        spec["opset"] = default_opset(e.onnx_weights) if e.opset is None else e.opset
+        if spec["float_weights"] == "float":
+            spec.pop("float_weights")
         stages.append(Stage("export", "export", f"export of the chosen subnets ({', '.join(e.formats)})"
                             + (" and latency" if e.latency else ""), spec, e,
                             [x.name for x in stages if x.kind == "search"], collective=False))

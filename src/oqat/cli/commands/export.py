@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--onnx-weights", choices=("float", "int8", "int4"), default="int8",
                    help="int8 (default): the integer codes stored as int8 followed by DequantizeLinear (4x smaller; "
                         "OpenVINO runs the convs on integer kernels); int4: codes of 4 bits or fewer two per byte "
-                        "(opset 21; the same logits and kernels); float: weights stored as float32 and quantized "
+                        "(opset 21, onnxruntime >= 1.23; the same logits and kernels); float: weights stored as float32 and quantized "
                         "in the graph (the same logits)")
     p.add_argument("--verify-images", type=int, default=256, help="inputs used for verification (default 256)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
