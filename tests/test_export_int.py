@@ -328,7 +328,7 @@ def test_int4_constants_pack_two_codes_per_byte():
 
 
 def test_int4_files_need_an_onnxruntime_that_loads_them(tmp_path, monkeypatch):
-    from oqat.export.onnx import check_int4_runtime, int4_supported
+    from oqat.export.onnx import check_int4_runtime
 
     assert not int4_supported("1.22.1") and int4_supported("1.23.0") and int4_supported("1.32.0")
     with pytest.raises(ValueError, match=r"onnxruntime 1\.18\.0 cannot load INT4 weights .* >= 1\.23"):

@@ -15,7 +15,7 @@ from ..measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES, load_context
 from ..models import Checkpoint, load_checkpoint, load_supernet
 from . import openvino_check as ovc
 from .meta import model_info, preprocessing_for, to_string_map
-from .onnx import DEFAULT_OPSET, build_onnx, check_int4_runtime
+from .onnx import build_onnx, check_int4_runtime
 from .onnx_int import DEFAULT_MODE, build_onnx_int
 from .packed import load_packed, plain_permissions, save_packed
 from .verify import (
@@ -212,8 +212,7 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
             if fmt == "onnx":
                 model, _ = build_onnx(sub, info=info, opset=opset, weights=weights, float_weights=float_weights)
             else:
-                model, _, _ = build_onnx_int(sub, info=info, opset=DEFAULT_OPSET if opset is None else opset, mode=int_mode,
-                                             float_weights=float_weights)
+                model, _, _ = build_onnx_int(sub, info=info, opset=opset, mode=int_mode, float_weights=float_weights)
             onnx.save_model(model, str(tmp))
         else:
             save_packed(sub, tmp, info)

@@ -57,22 +57,25 @@ INT4_RANGE = (-8, 7)
 INT4_ONNXRUNTIME = (1, 23)   # the first onnxruntime with a Cast from INT4 (1.18-1.22 refuse such a file, measured)
 
 
-def int4_supported(onnxruntime_version: str | None = None) -> bool:
-    """Whether onnxruntime (the installed one by default) loads a ``weights="int4"`` file."""
-    if onnxruntime_version is None:
+def _onnxruntime_version(version: str | None) -> str:
+    if version is None:
         import onnxruntime
 
-        onnxruntime_version = onnxruntime.__version__
-    return tuple(int(p) for p in re.findall(r"\d+", onnxruntime_version)[:2]) >= INT4_ONNXRUNTIME
+        version = onnxruntime.__version__
+    return version
+
+
+def int4_supported(onnxruntime_version: str | None = None) -> bool:
+    """Whether onnxruntime (the installed one by default) loads a ``weights="int4"`` file."""
+    version = _onnxruntime_version(onnxruntime_version)
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2]) >= INT4_ONNXRUNTIME
 
 
 def check_int4_runtime(onnxruntime_version: str | None = None) -> None:
     """ValueError unless onnxruntime can run (and so verify) an int4 file."""
-    if not int4_supported(onnxruntime_version):
-        import onnxruntime
-
-        found = onnxruntime_version or onnxruntime.__version__
-        raise ValueError(f"int4 weight storage: onnxruntime {found} cannot load INT4 weights (their Cast needs "
+    version = _onnxruntime_version(onnxruntime_version)
+    if not int4_supported(version):
+        raise ValueError(f"int4 weight storage: onnxruntime {version} cannot load INT4 weights (their Cast needs "
                          f"onnxruntime >= {'.'.join(map(str, INT4_ONNXRUNTIME))}); use int8 or upgrade onnxruntime")
 
 

@@ -462,7 +462,7 @@ def _first_quantizer(block: MBConvBlock) -> tuple[str, LSQQuantizer]:
     return ("expand", block.expand.act_quant) if block.expand is not None else ("depthwise", block.depthwise.act_quant)
 
 
-def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET, mode: str = DEFAULT_MODE,
+def build_onnx_int(sub, *, info: dict | None = None, opset: int | None = None, mode: str = DEFAULT_MODE,
                    weight_gain: bool = True, float_weights: str = "float"
                    ) -> tuple[onnx.ModelProto, list[IntCodes], list[IntLayer]]:
     """The integer ONNX model of a quantized subnet, where each quantizer's codes are, and how
@@ -474,6 +474,7 @@ def build_onnx_int(sub, *, info: dict | None = None, opset: int = DEFAULT_OPSET,
         raise ValueError(f"onnx-int mode: {mode!r} is not one of {list(MODES)}")
     if float_weights not in FLOAT_WEIGHTS:
         raise ValueError(f"float weights: {float_weights!r} is not one of {list(FLOAT_WEIGHTS)}")
+    opset = DEFAULT_OPSET if opset is None else opset
     if opset < 13:
         raise ValueError(f"opset: {opset} is too old; the integer form needs opset >= 13 (use 17)")
     _check_supported(sub)
