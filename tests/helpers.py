@@ -59,15 +59,22 @@ def train_config(cfg: dict, folder):
 SYNTHETIC = {"name": "synthetic", "image_size": 32, "holdout": 64, "synthetic_size": 256}
 
 
-def adam_with_slow_steps(net, lr: float) -> torch.optim.Adam:
-    """Adam at `lr` for the weights and at lr / 10 for the LSQ step sizes. Adam moves every
-    parameter by about `lr` per update whatever its gradient's scale (LSQ's gradient scaling is
-    made for SGD), a large relative move for a step of a few hundredths: from scratch at 2 bits
-    such moves zeroed every activation code of a layer within 28 updates on an AVX-512 CPU, and
-    the dead layers' zero-variance batch norms then blew the gradients up to inf."""
+def slow_step_groups(net, lr: float) -> list[dict]:
+    """Parameter groups of `net`: the weights at the optimizer's `lr`, the LSQ step sizes at
+    lr / 10. From scratch on synthetic data, full-rate step updates can zero every activation
+    code of a layer within a few dozen updates (Adam at 2 bits by step 28 on an AVX-512 CPU;
+    SGD at 3 bits too, on one thread), and the dead layers' zero-variance batch norms then blow
+    the gradients up to inf."""
     steps = [p for n, p in net.named_parameters() if n.endswith(".step")]
     weights = [p for n, p in net.named_parameters() if not n.endswith(".step")]
-    return torch.optim.Adam([{"params": weights}, {"params": steps, "lr": lr / 10}], lr=lr)
+    return [{"params": weights}, {"params": steps, "lr": lr / 10}]
+
+
+def adam_with_slow_steps(net, lr: float) -> torch.optim.Adam:
+    """Adam at `lr` with the step sizes at lr / 10 (:func:`slow_step_groups`). Adam moves every
+    parameter by about `lr` per update whatever its gradient's scale (LSQ's gradient scaling is
+    made for SGD), a large relative move for a step of a few hundredths."""
+    return torch.optim.Adam(slow_step_groups(net, lr), lr=lr)
 
 
 def trained_smallest_subnet(space, bits: int, *, seed: int, steps: int, resolution: int = 24):

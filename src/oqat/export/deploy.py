@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data import resize_batch
 from ..measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES, load_context
-from ..models import Checkpoint, load_checkpoint, load_supernet
+from ..models import Checkpoint, load_checkpoint, load_supernet, nonfinite_tensors
 from . import openvino_check as ovc
 from .meta import model_info, preprocessing_for, to_string_map
 from .onnx import build_onnx, check_int4_runtime
@@ -187,6 +187,11 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
     if fmt == "onnx" and weights == "int4":
         check_int4_runtime()            # before anything is written: the verification could not load the file
     out = Path(out)
+    bad = nonfinite_tensors(sub.state_dict())
+    if bad:  # before anything is written: no file of such a model computes anything meaningful
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{out}: cannot export: NaN or infinite values in {', '.join(bad[:3])}{more} "
+                         "(a diverged training run?)")
     notes: list[str] = []
     sub.eval()
     prep, note = preprocessing_for(sub.space, sub.arch.r, (config or {}).get("data") if isinstance(config, dict) else None)
