@@ -102,6 +102,10 @@ def test_bad_files_and_conflicting_choices(capsys, tmp_path, oqa_flags):
     bad.write_text(json.dumps({"ks": [3] * 20, "e": [3] * 20, "d": [2] * 5, "r": 128, "depht": 1}))
     line = _error_line(capsys, ["cost", "--arch", str(bad)])
     assert "bad.json" in line and "'depht'" in line
+    outside = tmp_path / "outside.json"  # well formed, but not a subnet of the space
+    outside.write_text(json.dumps({"ks": [3] * 20, "e": [3] * 20, "d": [2] * 5, "r": 130}))
+    line = _error_line(capsys, ["cost", "--arch", str(outside)])
+    assert "outside.json: r: 130 is not an allowed resolution" in line and "mbv3-imagenet" in line
     line = _error_line(capsys, ["cost", "--largest", *_flags(oqa_flags)])
     assert "exactly one of" in line
     line = _error_line(capsys, ["cost", "--space", "no-such-space", "--largest"])

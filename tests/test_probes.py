@@ -143,6 +143,19 @@ def test_pickled_code_checkpoint_is_refused_without_unsafe_advice(tmp_path, caps
     assert not (tmp_path / "code-ran").exists()
 
 
+def test_a_plain_pickle_is_one_line_without_torch_warnings(tmp_path, capsys):
+    import pickle
+    import warnings
+
+    bad = tmp_path / "plain.pt"
+    bad.write_bytes(pickle.dumps({"a": 1}, protocol=4))   # not torch's zip format, no code either
+    with warnings.catch_warnings(record=True) as shown:      # what a user's terminal would print
+        warnings.simplefilter("always")
+        rc, err = run(capsys, "eval", "--ckpt", bad, "--largest")
+    assert rc == 2 and "plain.pt: not a readable checkpoint" in err
+    assert not [w for w in shown if "pickle" in str(w.message)], [str(w.message) for w in shown]
+
+
 # ------------------------------------------------------------------------- data loss
 def test_run_into_an_existing_folder_keeps_the_users_files(tmp_path, capsys):
     out = tmp_path / "run"

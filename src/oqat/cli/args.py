@@ -62,5 +62,10 @@ def arch_from_args(args: argparse.Namespace, space: SearchSpace, default_bits: i
             raise ValueError("--ks, --expand, --depth and --resolution are all required with the flag form")
         arch = Arch(ks=parse_int_list(args.ks, "ks"), e=parse_int_list(args.expand, "expand"),
                     d=parse_int_list(args.depth, "depth"), r=args.resolution, bits=bits if bits is not None else 32)
-    space.validate(arch)
+    try:
+        space.validate(arch)
+    except ValueError as exc:  # name where the subnet came from: the file, or the flags
+        source = args.arch or ("--largest" if args.largest else "--smallest" if args.smallest
+                               else "--ks/--expand/--depth/--resolution")
+        raise ValueError(f"{source}: {exc} (space {space.name})") from None
     return arch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,7 +119,9 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", map_location: An
     if not path.is_file():
         raise ValueError(f"{path}: {what} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle of another protocol: the error below says it all
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:
         raise ValueError(f"{path}: permission denied reading the {what}") from None
     except Exception as exc:  # pickled code, truncated zip, random bytes, ...
