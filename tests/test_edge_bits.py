@@ -12,13 +12,13 @@ import onnx
 import onnx.numpy_helper
 import pytest
 import torch
-from helpers import one_step_config, train_config, trained_smallest_subnet
+from helpers import NEEDS_INT4_RUNTIME, one_step_config, train_config, trained_smallest_subnet
 
 from oqat import SearchSpace, build_supernet, inherit_bits
 from oqat.export import ExportedModel, export_subnet
 from oqat.export.code_split import EVEN_ODD, INNER_OUTER, PAIR_LIMIT, joined_codes, split_for
 from oqat.export.meta import FORMAT
-from oqat.export.onnx import build_onnx, int4_supported
+from oqat.export.onnx import build_onnx
 from oqat.export.onnx_int import build_onnx_int
 from oqat.export.packed import load_packed, save_packed
 from oqat.export.verify import VerificationData, torch_forward, verify_onnx
@@ -325,8 +325,7 @@ def test_ofa_and_oqa_layouts_refuse_quantized_edges():
         to_oqa(build_supernet(space, 4, unsigned_activations=True).state_dict(), space, 4, True)
 
 
-@pytest.mark.skipif(not int4_supported(),
-                    reason="this onnxruntime cannot load INT4 weights (needs >= 1.23)")
+@NEEDS_INT4_RUNTIME
 def test_int4_file_keeps_the_8_bit_edges_in_int8_and_verifies():
     sub, x, y = _trained()
     model, codes = build_onnx(sub, weights="int4")

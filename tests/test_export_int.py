@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import SYNTHETIC, trained_smallest_subnet
+from helpers import NEEDS_INT4_RUNTIME, SYNTHETIC, trained_smallest_subnet
 from onnx import numpy_helper
 
 from oqat import SearchSpace, build_supernet
@@ -342,11 +342,7 @@ def test_int4_files_need_an_onnxruntime_that_loads_them(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())                  # refused before anything was written
 
 
-INT4_RUNTIME = pytest.mark.skipif(not int4_supported(),
-                                  reason="this onnxruntime cannot load INT4 weights (needs >= 1.23)")
-
-
-@INT4_RUNTIME
+@NEEDS_INT4_RUNTIME
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_int4_containers_hold_the_same_codes_in_half_the_bytes(bits, tmp_path):
     """--onnx-weights int4: codes of 4 bits or fewer as INT4 initializers (opset 21), each Cast to
