@@ -4,6 +4,7 @@ stage markers and skipping, recovery after an interruption, config errors, the r
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
@@ -236,6 +237,33 @@ def test_changed_config_is_an_error_unless_redo_changed(done_run, tmp_path):
     assert read_marker(out / "search-4bit")["spec"]["population"] == 4
 
 
+def test_finalists_are_re_measured_on_every_held_out_image_and_decide_the_choice(done_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(done_run[0], out)
+    raw = _raw()
+    raw["stages"]["search"]["finalists"] = 2
+    raw["stages"]["export"]["enabled"] = False
+    res, lines = _run(out, raw, redo_changed=True)
+    assert res.ran == ["search-4bit", "search-3bit", "search-2bit"]
+    holdout = raw["data"]["holdout"]
+    assert any(f"re-measured on {holdout} held-out images" in line for line in lines)
+    for b in (4, 3, 2):
+        m = read_marker(out / f"search-{b}bit")
+        r = m["results"]
+        assert m["spec"]["finalists"] == 2 and r["finalists"] == 2 and r["final_images"] == holdout
+        assert r["measurements"] == 0 and r["cache_reused"] > 0  # the search itself came from the cache
+        before = {c["budget"]["name"]: c for c in read_marker(done_run[0] / f"search-{b}bit")["results"]["chosen"]}
+        for c in r["chosen"]:
+            best = json.loads((out / c["file"]).read_text())
+            finalists = best["finalists"]
+            assert 1 <= len(finalists) <= 2 and finalists[0]["arch"] == before[c["budget"]["name"]]["arch"]
+            assert c["holdout_top1"] == best["accuracy"] == max(f["accuracy"] for f in finalists)
+            assert c["arch"] == best["arch"] == max(finalists, key=lambda f: f["accuracy"])["arch"]
+    assert "re-measured on" in (out / "report.md").read_text()
+    # without finalists the spec is that of runs from before the option: every stage still done
+    assert set(Pipeline(config_from_dict(_raw()), done_run[0]).status().values()) == {"done"}
+
+
 def test_two_processes_redo_changed_stages(done_run, tmp_path):
     """--redo-changed with oqat's own two processes: rank 0 discards the changed stages with the
     markers both ranks read (reading them on rank 0 alone was a collective the other rank never
@@ -273,6 +301,8 @@ def _error(raw: dict) -> str:
     (lambda r: r["stages"]["inherit"]["targets"][0].update(bits=5), r"stages\.inherit\.targets\[0\]\.bits: 5 must be lower"),
     (lambda r: r["stages"]["inherit"]["targets"].reverse(), r"stages\.inherit\.targets\[1\]\.bits: 3 must be lower than 2"),
     (lambda r: r["stages"]["search"].update(bits=[4, 1]), r"stages\.search\.bits\[1\]: 1 bit is not trained"),
+    (lambda r: r["stages"]["search"].update(finalists=-1), r"stages\.search\.finalists: must be an integer >= 0"),
+    (lambda r: r["stages"]["search"].update(final_images=0), r"stages\.search\.final_images: must be >= 1"),
     (lambda r: r["stages"]["baseline"]["arch"].update(r=13), r"stages\.baseline\.arch: r: 13"),
     (lambda r: r["stages"]["baseline"].update(arch=None), r"stages\.baseline\.arch: required"),
     (lambda r: r["stages"]["export"].update(formats=["tflite"]), r"stages\.export\.formats\[0\]: 'tflite'"),

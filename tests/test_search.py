@@ -25,6 +25,7 @@ from oqat.search import (
     pareto_front,
     parse_number,
     random_search,
+    rerank_finalists,
     write_search_outputs,
 )
 from oqat.search.analyze import analyze, factors
@@ -184,6 +185,39 @@ def test_best_of_measured_takes_any_fitting_subnet_found_under_another_budget(sp
     assert [c.evaluations for c in chosen] == [r.evaluations for r in results]  # the search's own count
     # nothing better that fits: the search's own choice stays (ties included)
     assert best_of_measured(results[:1], results[0].candidates, costs)[0] == results[0]
+
+
+def test_rerank_finalists_lets_more_images_decide_among_the_best_few(space):
+    costs = CostModel(space)
+    small, large = Budget.parse(f"s:macs={_mid_budget(space, 'macs', 0.3):.0f}"), Budget.parse("l:macs=1e12")
+    fake = FakeAccuracy(space)
+    search = EvolutionSearch(space, 4, fake, costs, SearchConfig(population=8, generations=1, seed=0))
+    results = [search.run(b, progress=False) for b in (small, large)]
+    measured = [p for r in results for p in r.candidates]
+    ranked = {b.name: sorted((p for p in measured if b.satisfied(costs(p[0]))), key=lambda p: -p[1])
+              for b in (small, large)}
+    # the finer measurement prefers each budget's third-best subnet; anything else scores lower
+    favourite = {space.key(ranked[b][2][0]) for b in ("s", "l")}
+    asked = []
+
+    def fine(archs):
+        asked.extend(space.key(a) for a in archs)
+        return [90.0 if space.key(a) in favourite else 50.0 + fake.one(a) / 100 for a in archs]
+
+    out = rerank_finalists(space, results, measured, fine, costs, 3)
+    for r, o, b in zip(results, out, (small, large)):
+        top3 = [a for a, _ in ranked[b.name][:3]]
+        assert o.arch == top3[2] and o.accuracy == 90.0 and o.costs == costs(o.arch) and b.satisfied(o.costs)
+        assert [a for a, _ in o.finalists] == [r.arch] + [a for a in top3 if a != r.arch][:2]
+        assert o.history == r.history and o.candidates == r.candidates and o.evaluations == r.evaluations
+        assert o.to_dict()["finalists"][2] == {"arch": o.arch.to_dict(), "accuracy": 90.0}
+    assert len(asked) == len(set(asked)) <= 6  # each finalist measured once, over all budgets
+    # ties keep the search's own choice; one finalist re-measures only that choice
+    same = rerank_finalists(space, results, measured, lambda archs: [70.0] * len(archs), costs, 3)
+    assert [o.arch for o in same] == [r.arch for r in results] and all(o.accuracy == 70.0 for o in same)
+    assert [len(o.finalists) for o in rerank_finalists(space, results, measured, fine, costs, 1)] == [1, 1]
+    with pytest.raises(ValueError, match="finalists: need at least 1"):
+        rerank_finalists(space, results, measured, fine, costs, 0)
 
 
 def test_search_improves_over_its_initial_population(space):
@@ -390,3 +424,22 @@ def test_cli_search(tiny_ckpt, tmp_path, capsys, space):
     # an impossible budget is one clear error line
     assert main(["search", "--ckpt", str(tiny_ckpt), "--budget", "macs=1", "--out", str(out), *MEASURE]) == 2
     assert "budget macs_1 is impossible" in capsys.readouterr().err
+
+
+def test_cli_search_finalists_are_re_measured_on_the_whole_held_out_split(tiny_ckpt, tmp_path, capsys, space):
+    from oqat.cli import main
+
+    out = tmp_path / "s"
+    args = ["search", "--ckpt", str(tiny_ckpt), "--budget", "all:macs=1e12", "--population", "4", "--generations", "1",
+            "--out", str(out), "--finalists", "3", *MEASURE]
+    assert main(args) == 0
+    best = json.loads((out / "best_all.json").read_text())
+    assert len(best["finalists"]) == 3 and best["accuracy"] == max(f["accuracy"] for f in best["finalists"])
+    assert best["arch"] == max(best["finalists"], key=lambda f: f["accuracy"])["arch"]
+    assert best["accuracy_source"]["final_images"] == 48  # the checkpoint's whole held-out split
+    assert len((out / "cache-finalists.jsonl").read_text().splitlines()) == 3
+    for bad, message in ((["--finalists", "-1"], "--finalists: must be >= 0"),
+                         (["--finalists", "2", "--final-images", "0"], "--final-images: must be >= 1")):
+        capsys.readouterr()
+        assert main(args[:-len(MEASURE) - 2] + bad + MEASURE) == 2
+        assert message in capsys.readouterr().err

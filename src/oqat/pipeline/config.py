@@ -88,6 +88,8 @@ class SearchStage:
     calib_batch: int = 100
     eval_images: int | None = 1000     # held-out images scored per subnet (null: the whole split)
     test_images: int | None = None     # test images for the final figures (null: the whole split)
+    finalists: int = 0                 # the N best of each budget re-measured on final_images decide the choice (0: off)
+    final_images: int | None = None    # held-out images for the finalists (null: the whole split)
     seed: int = 0
     pareto: list[str] = field(default_factory=lambda: ["bitops", "macs"])
 
@@ -315,7 +317,9 @@ def validate_run_config(cfg: RunConfig, where: str = "config", base_dir: Path | 
         v = getattr(s, name)
         if v < (0 if name == "generations" else 1):
             raise ValueError(f"{where}.stages.search.{name}: must be >= {0 if name == 'generations' else 1}, got {v}")
-    for name in ("eval_images", "test_images"):
+    if isinstance(s.finalists, bool) or not isinstance(s.finalists, int) or s.finalists < 0:
+        raise ValueError(f"{where}.stages.search.finalists: must be an integer >= 0 (0: no re-ranking), got {s.finalists!r}")
+    for name in ("eval_images", "test_images", "final_images"):
         v = getattr(s, name)
         if v is not None and v < 1:
             raise ValueError(f"{where}.stages.search.{name}: must be >= 1 (or null for the whole split), got {v}")

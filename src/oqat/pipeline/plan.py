@@ -131,11 +131,13 @@ def plan_stages(cfg: RunConfig, space: SearchSpace, data: DataConfig) -> list[St
                 **{k: getattr(s, k) for k in ("population", "generations", "parent_ratio", "mutation_ratio",
                                               "mutate_prob", "calib_images", "calib_batch", "eval_images",
                                               "test_images", "seed", "pareto")}}
+        if s.finalists:  # only when on: the hashes of runs from before the re-ranking stay valid
+            spec.update(finalists=s.finalists, final_images=s.final_images)
         if base is not None:  # one more budget: the baseline's BitOPs (from its arch, so not hashed again)
             budgets.append(Budget((Constraint("bitops", cost.bitops(space, base)),), "baseline"))
-        stages.append(Stage(f"search-{b}bit", "search", f"search at {b} bit: {len(budgets)} budget(s), population "
-                            f"{s.population}, {s.generations} generation(s)", spec, SearchPlan(b, budgets, s, base),
-                            [f"supernet-{b}bit"]))
+        title = (f"search at {b} bit: {len(budgets)} budget(s), population {s.population}, {s.generations} "
+                 "generation(s)" + (f", the {s.finalists} best of each re-measured" if s.finalists else ""))
+        stages.append(Stage(f"search-{b}bit", "search", title, spec, SearchPlan(b, budgets, s, base), [f"supernet-{b}bit"]))
     if barch is not None:
         bl = st.baseline
         explicit = bl.epochs is not None or bl.max_steps is not None or "epochs" in bl.train or "max_steps" in bl.train

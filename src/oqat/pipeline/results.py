@@ -60,6 +60,8 @@ class SearchOutcome(_Record):
     holdout_images: int | None
     test_images: int
     evaluated_csv: str
+    finalists: int = 0                             # the best N per budget re-measured (0: not re-ranked)
+    final_images: int | None = None                # on this many held-out images
 
 
 @dataclass

@@ -10,11 +10,12 @@ from .evolution import (
                         best_of_measured,
                         distinct_measured,
                         random_search,
+                        rerank_finalists,
                         search_budgets,
 )
 from .outputs import pareto_front, write_csv, write_pareto, write_search_outputs
 
 __all__ = ["AccuracyFn", "Budget", "CachedAccuracy", "Constraint", "CostModel", "DistributedAccuracy",
            "EvolutionSearch", "METRICS", "SearchConfig", "SearchResult", "best_of_measured", "check_budget_feasible",
-           "distinct_measured", "is_main_process", "pareto_front", "parse_number", "random_search", "search_budgets", "write_csv",
-           "write_pareto", "write_search_outputs"]
+           "distinct_measured", "is_main_process", "pareto_front", "parse_number", "random_search", "rerank_finalists",
+           "search_budgets", "write_csv", "write_pareto", "write_search_outputs"]

@@ -32,6 +32,11 @@ def register(sub) -> None:
     p.add_argument("--latency-table", default=None, help="latency table (oqat latency-table) for latency_ms budgets")
     p.add_argument("--pareto", default=None, help="comma-separated cost metrics for Pareto fronts "
                                                   "(default: the budgets' metrics and macs)")
+    p.add_argument("--finalists", type=int, default=0, metavar="K",
+                   help="re-measure the K best subnets of each budget on --final-images held-out images and "
+                        "choose among them by that figure (needs --ckpt; default 0: off)")
+    p.add_argument("--final-images", type=int, default=None, metavar="N",
+                   help="held-out images for the finalists (default: the whole held-out split)")
     p.add_argument("--random-baseline", action="store_true",
                    help="also report random sampling with the same number of evaluations")
     add_context_args(p, split=False, ckpt=False)
@@ -51,6 +56,7 @@ def run(args) -> int:
         distinct_measured,
         is_main_process,
         random_search,
+        rerank_finalists,
         search_budgets,
         write_search_outputs,
     )
@@ -59,6 +65,12 @@ def run(args) -> int:
 
     if not args.ckpt and not args.predictor:
         raise ValueError("give --ckpt (direct evaluation) and/or --predictor")
+    if args.finalists < 0:
+        raise ValueError(f"--finalists: must be >= 0 (0: no re-ranking), got {args.finalists}")
+    if args.finalists and not args.ckpt:
+        raise ValueError("--finalists: needs --ckpt (the finalists are measured on its held-out images)")
+    if args.final_images is not None and args.final_images < 1:
+        raise ValueError(f"--final-images: must be >= 1, got {args.final_images}")
     budgets = [Budget.parse(t) for t in args.budget]
     names = [b.name for b in budgets]
     if len(set(names)) != len(names):
@@ -102,6 +114,13 @@ def run(args) -> int:
             raise ValueError(f"--pareto: {m!r} is not an available metric ({list(METRICS)}; latency_ms needs --latency-table)")
 
     results, evaluated = search_budgets(space, bits, accuracy, costs, budgets, config)
+    if args.finalists:
+        final = context_from_args(args, split="holdout", eval_images=args.final_images)
+        fine = CachedAccuracy(DistributedAccuracy(final.accuracy_fn()), space,
+                              None if args.no_cache_file else out / "cache-finalists.jsonl",
+                              {"source": "direct", **final.fingerprint()})
+        results = rerank_finalists(space, results, evaluated, fine, costs, args.finalists)
+        source = {**source, "finalists": args.finalists, "final_images": final.settings["eval_images"]}
     baselines = []
     if args.random_baseline:  # random sampling with as many distinct subnets as each search measured
         baselines = [random_search(space, bits, accuracy, r.budget, r.evaluations, costs=costs, seed=args.seed)

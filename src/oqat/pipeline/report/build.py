@@ -195,6 +195,11 @@ class _Report:
                  align=["l", "l", "l", "r", "r", "r", "r", "r"] + (["r"] if has_lat else []) + ["l", "l"])
         notes = ["arch: input resolution, depth per stage, mean kernel size and expand ratio of the active blocks (the "
                  "full arch is in the arch file). Size: weights at their bit-width, everything else at 32 bit."]
+        r = next(iter(self.searches.values()))  # one search configuration for every bit-width
+        if r.finalists:
+            notes.append(f"Held-out top-1 of the chosen subnets: the {r.finalists} best of each budget by the search's "
+                         f"score on {r.holdout_images or 'all'} held-out images, re-measured on {r.final_images} "
+                         "held-out images; that figure decides the choice.")
         if has_lat:
             notes.append("Latency: batch 1, one thread, median of the thread's CPU time, on this machine; the PyTorch "
                          "figure is the fake-quantized model, the ONNX one onnxruntime on the exported QCDQ graph. "

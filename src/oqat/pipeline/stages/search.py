@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...measure import load_context
-from ...search import CachedAccuracy, CostModel, DistributedAccuracy, search_budgets, write_search_outputs
+from ...search import (
+    CachedAccuracy,
+    CostModel,
+    DistributedAccuracy,
+    rerank_finalists,
+    search_budgets,
+    write_search_outputs,
+)
 from ...space import Arch, cost
 from ..config import search_config
 from ..context import StageContext
@@ -36,13 +43,24 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> SearchO
     holdout_ext = dict(zip(extremes, accuracy(list(extremes.values()))))
     results, evaluated = search_budgets(space, bits, accuracy, costs, plan.budgets, config, progress=ctx.progress,
                                         measured_before=[(a, holdout_ext[k]) for k, a in extremes.items()])
+    final_images = None
+    if s.finalists:
+        del holdout  # one evaluation set in memory at a time
+        final = load_context(ckpt, split="holdout", eval_images=s.final_images, **kw)
+        final_images = final.settings["eval_images"]
+        fine = CachedAccuracy(DistributedAccuracy(final.accuracy_fn()), space, folder / "cache-finalists.jsonl",
+                              {**context, **final.fingerprint(), "ckpt": context["ckpt"]})
+        results = rerank_finalists(space, results, evaluated, fine, costs, s.finalists)
+        ctx.say(f"   the {s.finalists} best of each budget re-measured on {final_images} held-out images "
+                f"({fine.misses} measured)")
     for r in results:
         ctx.say(f"   {r.budget}: best held-out top-1 {r.accuracy:.2f}% ({r.evaluations} subnets searched, "
                 f"{len(evaluated)} measured in all)")
     meta = {"bits": bits, "ckpt": str(ckpt), "accuracy_source": context, "search": config.to_dict()}
+    if s.finalists:
+        meta["rerank"] = {"finalists": s.finalists, "holdout_images": final_images}
     if ctx.info.is_main:
         write_search_outputs(folder, space, results, evaluated, costs, pareto_metrics=s.pareto, meta=meta)
-    del holdout
     # Test split: the final figures of the largest, smallest and chosen subnets.
     test = load_context(ckpt, split="test", eval_images=s.test_images, **kw)
     to_test: dict[str, Arch] = {}
@@ -63,7 +81,8 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> SearchO
                          evaluated=len(evaluated), measurements=accuracy.misses, cache_reused=accuracy.loaded,
                          seconds_per_evaluation=direct.seconds_per_eval if direct.calls else None,
                          calib_images=test.settings["calib_images"], holdout_images=s.eval_images,
-                         test_images=test.settings["eval_images"], evaluated_csv=ctx.relative(folder / "evaluated.csv"))
+                         test_images=test.settings["eval_images"], evaluated_csv=ctx.relative(folder / "evaluated.csv"),
+                         finalists=s.finalists, final_images=final_images)
 
 
 __all__ = ["run"]
