@@ -241,7 +241,7 @@ def test_finalists_are_re_measured_on_every_held_out_image_and_decide_the_choice
     out = tmp_path / "run"
     shutil.copytree(done_run[0], out)
     raw = _raw()
-    raw["stages"]["search"]["finalists"] = 2
+    raw["stages"]["search"].update(finalists=2, eval_images=24)  # finalists on all 48 held-out images
     raw["stages"]["export"]["enabled"] = False
     res, lines = _run(out, raw, redo_changed=True)
     assert res.ran == ["search-4bit", "search-3bit", "search-2bit"]
@@ -251,14 +251,23 @@ def test_finalists_are_re_measured_on_every_held_out_image_and_decide_the_choice
         m = read_marker(out / f"search-{b}bit")
         r = m["results"]
         assert m["spec"]["finalists"] == 2 and r["finalists"] == 2 and r["final_images"] == holdout
-        assert r["measurements"] == 0 and r["cache_reused"] > 0  # the search itself came from the cache
-        before = {c["budget"]["name"]: c for c in read_marker(done_run[0] / f"search-{b}bit")["results"]["chosen"]}
+        space = load_checkpoint(out / f"supernet-{b}bit" / "final.pt").space
+        rows = list(csv.DictReader((out / f"search-{b}bit" / "evaluated.csv").open()))
+        coarse = {space.key(Arch.from_dict(json.loads(row["arch"]))): float(row["accuracy"]) for row in rows}
         for c in r["chosen"]:
             best = json.loads((out / c["file"]).read_text())
             finalists = best["finalists"]
-            assert 1 <= len(finalists) <= 2 and finalists[0]["arch"] == before[c["budget"]["name"]]["arch"]
+            # the first finalist is the best that fits by the search's own 24-image figures
+            fitting = [float(row["accuracy"]) for row in rows
+                       if all(float(row[m]) <= limit for m, limit in c["budget"]["constraints"].items())]
+            assert 1 <= len(finalists) <= 2 and coarse[space.key(Arch.from_dict(finalists[0]["arch"]))] == max(fitting)
             assert c["holdout_top1"] == best["accuracy"] == max(f["accuracy"] for f in finalists)
             assert c["arch"] == best["arch"] == max(finalists, key=lambda f: f["accuracy"])["arch"]
+        # the largest and smallest are reported on the same images as the finalists
+        fine = {space.key(Arch.from_dict(row["arch"])): row["accuracy"]
+                for row in map(json.loads, (out / f"search-{b}bit" / "cache-finalists.jsonl").read_text().splitlines())}
+        for k in ("largest", "smallest"):
+            assert r["supernet"][k]["holdout_top1"] == fine[space.key(Arch.from_dict(r["supernet"][k]["arch"]))]
     assert "re-measured on" in (out / "report.md").read_text()
     # without finalists the spec is that of runs from before the option: every stage still done
     assert set(Pipeline(config_from_dict(_raw()), done_run[0]).status().values()) == {"done"}
@@ -303,6 +312,10 @@ def _error(raw: dict) -> str:
     (lambda r: r["stages"]["search"].update(bits=[4, 1]), r"stages\.search\.bits\[1\]: 1 bit is not trained"),
     (lambda r: r["stages"]["search"].update(finalists=-1), r"stages\.search\.finalists: must be an integer >= 0"),
     (lambda r: r["stages"]["search"].update(final_images=0), r"stages\.search\.final_images: must be >= 1"),
+    (lambda r: r["stages"]["search"].update(finalists=2, final_images=40, eval_images=48),
+     r"stages\.search\.final_images: 40 is not more than eval_images \(48\)"),
+    (lambda r: r["stages"]["search"].update(finalists=2, eval_images=None),
+     r"stages\.search\.final_images: the whole split is not more than eval_images \(the whole split\)"),
     (lambda r: r["stages"]["baseline"]["arch"].update(r=13), r"stages\.baseline\.arch: r: 13"),
     (lambda r: r["stages"]["baseline"].update(arch=None), r"stages\.baseline\.arch: required"),
     (lambda r: r["stages"]["export"].update(formats=["tflite"]), r"stages\.export\.formats\[0\]: 'tflite'"),

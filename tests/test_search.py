@@ -439,7 +439,8 @@ def test_cli_search_finalists_are_re_measured_on_the_whole_held_out_split(tiny_c
     assert best["accuracy_source"]["final_images"] == 48  # the checkpoint's whole held-out split
     assert len((out / "cache-finalists.jsonl").read_text().splitlines()) == 3
     for bad, message in ((["--finalists", "-1"], "--finalists: must be >= 0"),
-                         (["--finalists", "2", "--final-images", "0"], "--final-images: must be >= 1")):
+                         (["--finalists", "2", "--final-images", "0"], "--final-images: must be >= 1"),
+                         (["--finalists", "2", "--final-images", "32"], "--final-images: 32 is not more than")):
         capsys.readouterr()
         assert main(args[:-len(MEASURE) - 2] + bad + MEASURE) == 2
         assert message in capsys.readouterr().err

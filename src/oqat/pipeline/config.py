@@ -323,6 +323,9 @@ def validate_run_config(cfg: RunConfig, where: str = "config", base_dir: Path | 
         v = getattr(s, name)
         if v is not None and v < 1:
             raise ValueError(f"{where}.stages.search.{name}: must be >= 1 (or null for the whole split), got {v}")
+    if s.finalists and (s.eval_images is None or (s.final_images is not None and s.final_images <= s.eval_images)):
+        raise ValueError(f"{where}.stages.search.final_images: {s.final_images or 'the whole split'} is not more than "
+                         f"eval_images ({s.eval_images or 'the whole split'}): the finalists would be measured on no more images")
     search_config(s, f"{where}.stages.search")
     for m in s.pareto:
         if m not in METRICS or m == "latency_ms":

@@ -71,6 +71,10 @@ def run(args) -> int:
         raise ValueError("--finalists: needs --ckpt (the finalists are measured on its held-out images)")
     if args.final_images is not None and args.final_images < 1:
         raise ValueError(f"--final-images: must be >= 1, got {args.final_images}")
+    if args.finalists and (args.eval_images is None or (args.final_images is not None
+                                                         and args.final_images <= args.eval_images)):
+        raise ValueError(f"--final-images: {args.final_images or 'the whole split'} is not more than --eval-images "
+                         f"({args.eval_images or 'the whole split'}): the finalists would be measured on no more images")
     budgets = [Budget.parse(t) for t in args.budget]
     names = [b.name for b in budgets]
     if len(set(names)) != len(names):

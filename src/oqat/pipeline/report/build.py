@@ -146,7 +146,8 @@ class _Report:
         self.add("h2", "Supernet accuracy per bit-width")
         r = next(iter(self.searches.values()))
         self.add("p", f"Top-1 (%) of the largest and smallest subnets, each extracted and BN-re-calibrated on "
-                      f"{r.calib_images} held-out images; held-out on {r.holdout_images or 'all'} held-out images, "
+                      f"{r.calib_images} held-out images; held-out on "
+                      f"{r.final_images if r.finalists else (r.holdout_images or 'all')} held-out images, "
                       f"test on {r.test_images} test images.")
         rows = []
         for bits in sorted(self.searches, reverse=True):

@@ -51,6 +51,7 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> SearchO
         fine = CachedAccuracy(DistributedAccuracy(final.accuracy_fn()), space, folder / "cache-finalists.jsonl",
                               {**context, **final.fingerprint(), "ckpt": context["ckpt"]})
         results = rerank_finalists(space, results, evaluated, fine, costs, s.finalists)
+        holdout_ext = dict(zip(extremes, fine(list(extremes.values()))))  # their figures on the same images
         ctx.say(f"   the {s.finalists} best of each budget re-measured on {final_images} held-out images "
                 f"({fine.misses} measured)")
     for r in results:
