@@ -165,12 +165,17 @@ def test_every_returned_and_evaluated_arch_respects_its_budget(space):
         assert r.history == sorted(r.history) and len(r.history) == SMALL["generations"] + 1
 
 
-def test_best_of_measured_takes_any_fitting_subnet_found_under_another_budget(space):
+def _two_budget_search(space, population: int):
+    """(costs, small budget, unlimited budget, the fake accuracy, one search result per budget)."""
     costs = CostModel(space)
     small, large = Budget.parse(f"s:macs={_mid_budget(space, 'macs', 0.3):.0f}"), Budget.parse("l:macs=1e12")
     fake = FakeAccuracy(space)
-    search = EvolutionSearch(space, 4, fake, costs, SearchConfig(population=6, generations=1, seed=0))
-    results = [search.run(b, progress=False) for b in (small, large)]
+    search = EvolutionSearch(space, 4, fake, costs, SearchConfig(population=population, generations=1, seed=0))
+    return costs, small, large, fake, [search.run(b, progress=False) for b in (small, large)]
+
+
+def test_best_of_measured_takes_any_fitting_subnet_found_under_another_budget(space):
+    costs, small, large, fake, results = _two_budget_search(space, 6)
     best_small = max(results[0].candidates, key=lambda p: p[1])
     # a subnet that fits the small budget and beats everything measured, as if found elsewhere
     found = max((space.sample(random.Random(i), 4) for i in range(400)),
@@ -188,11 +193,7 @@ def test_best_of_measured_takes_any_fitting_subnet_found_under_another_budget(sp
 
 
 def test_rerank_finalists_lets_more_images_decide_among_the_best_few(space):
-    costs = CostModel(space)
-    small, large = Budget.parse(f"s:macs={_mid_budget(space, 'macs', 0.3):.0f}"), Budget.parse("l:macs=1e12")
-    fake = FakeAccuracy(space)
-    search = EvolutionSearch(space, 4, fake, costs, SearchConfig(population=8, generations=1, seed=0))
-    results = [search.run(b, progress=False) for b in (small, large)]
+    costs, small, large, fake, results = _two_budget_search(space, 8)
     measured = [p for r in results for p in r.candidates]
     ranked = {b.name: sorted((p for p in measured if b.satisfied(costs(p[0]))), key=lambda p: -p[1])
               for b in (small, large)}

@@ -13,6 +13,7 @@ from torch import nn
 from ..data import resize_batch
 from ..measure import DEFAULT_CALIB_BATCH, DEFAULT_CALIB_IMAGES, load_context
 from ..models import Checkpoint, load_checkpoint, load_supernet, nonfinite_tensors
+from ..utils.fmt import few
 from . import openvino_check as ovc
 from .meta import model_info, preprocessing_for, to_string_map
 from .onnx import build_onnx, check_int4_runtime
@@ -189,8 +190,7 @@ def export_subnet(sub, out: str | Path, fmt: str = "onnx", *, config: dict | Non
     out = Path(out)
     bad = nonfinite_tensors(sub.state_dict())
     if bad:  # before anything is written: no file of such a model computes anything meaningful
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ValueError(f"{out}: cannot export: NaN or infinite values in {', '.join(bad[:3])}{more} "
+        raise ValueError(f"{out}: cannot export: NaN or infinite values in {few(bad)} "
                          "(a diverged training run?)")
     notes: list[str] = []
     sub.eval()

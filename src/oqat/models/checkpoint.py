@@ -19,6 +19,7 @@ import torch
 
 from ..space import SearchSpace, normalize_bits
 from ..utils.files import atomic_writer, load_torch_file
+from ..utils.fmt import few
 from ..utils.version import __version__
 from .mobilenetv3 import build_supernet
 
@@ -100,8 +101,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: 'model' is not a state dict of tensors")
     bad = nonfinite_tensors(model)
     if bad:  # a diverged run's weights: evaluating, searching or inheriting them measures nothing
-        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}"
-                              f"{', ...' if len(bad) > 3 else ''}); refused")
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or infinity ({few(bad)}); refused")
     return Checkpoint(
         space=space, bits=bits, model=model, step=int(data.get("step", 0)), epoch=int(data.get("epoch", 0)),
         config=data.get("config") or {}, kind=str(data.get("kind", "supernet")), versions=data.get("versions") or {},

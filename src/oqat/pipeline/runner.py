@@ -28,7 +28,7 @@ from ..training.distributed import DistInfo
 from ..utils.config import apply_overrides, to_dict
 from ..utils.devices import resolve_device, threads
 from ..utils.files import ensure_output_dir, escaping_links, folder_lock, write_text_atomic
-from ..utils.fmt import fmt_s
+from ..utils.fmt import few, fmt_s
 from .config import RunConfig, config_from_dict, data_config, default_out, load_run_config, run_space
 from .context import StageContext
 from .markers import DamagedMarker, StageMismatch, discard_outputs, files_in, load_marker, write_marker
@@ -162,7 +162,7 @@ class Pipeline:
                 self.echo(f"{banner}: {stage.title}" + (" (continuing)" if resumed else ""))
                 if preexisting and not resumed:
                     self.echo(f"   {self.dir(stage.name)} already holds {len(preexisting)} file(s) oqat did not "
-                              f"write ({', '.join(preexisting[:3])}); left alone")
+                              f"write ({few(preexisting)}); left alone")
                 write_marker(self.dir(stage.name), {"stage": stage.name, "status": "running", "hash": stage.hash,
                                                     "spec": stage.spec, "inputs": stage.inputs,
                                                     "started": time.time(), "attempts": attempts,
@@ -239,7 +239,7 @@ class Pipeline:
         kept = [f for f in kept if Path(f).name not in self._keep(stage)]
         if kept:
             self.echo(f"   kept {len(kept)} file(s) in {self.dir(stage.name)} that oqat did not record writing: "
-                      f"{', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}")
+                      f"{few(kept)}")
 
 
 def run_pipeline(config: str | Path | dict | RunConfig, out: str | Path | None = None, *,

@@ -37,4 +37,11 @@ def pct(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-__all__ = ["fmt_s", "pct", "si"]
+def few(names, most: int = 3) -> str:
+    """The first `most` of `names`, comma-separated, then "and N more": an error line stays one line."""
+    names = list(names)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(str(n) for n in names[:most]) + more
+
+
+__all__ = ["few", "fmt_s", "pct", "si"]
