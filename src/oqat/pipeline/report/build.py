@@ -8,6 +8,8 @@ Markdown links them, the HTML embeds them. Links to exported models are relative
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -157,16 +159,25 @@ class _Report:
         self.add("table", headers=["bits", "largest held-out", "largest test", "largest MACs", "smallest held-out",
                                    "smallest test", "smallest MACs"], rows=rows, align=["l"] + ["r"] * 6)
 
+    def _plotted(self, c: ChosenSubnet, points: list[dict]) -> ChosenSubnet:
+        """`c` at the search's own score, the plot's y axis (finalists re-measure the chosen on more
+        images; their figure would float off the subnet's dot)."""
+        key = json.dumps(self.run.space.canonical(Arch.from_dict(c.arch)).to_dict(), separators=(",", ":"))
+        score = next((p["accuracy"] for p in points if p.get("arch") == key), c.holdout_top1)
+        return dataclasses.replace(c, holdout_top1=score)
+
     def fronts(self) -> None:
         if not self.searches:
             return
         series = {b: read_points(self.run.out / r.evaluated_csv) for b, r in self.searches.items()}
-        chosen = {b: r.chosen for b, r in self.searches.items()}
+        chosen = {b: [self._plotted(c, series[b]) for c in r.chosen] for b, r in self.searches.items()}
         self.add("h2", "Pareto fronts")
         self.add("p", "Every subnet measured during the searches (faint dots), the front of each bit-width (line), the "
                       "chosen subnet per budget (stars) and the baseline trained alone (cross). Accuracy is held-out "
                       "top-1, the search's objective; BitOPs on a log scale (each bit removed divides a layer's "
-                      "BitOPs).")
+                      "BitOPs)." + (" A star off the front is a finalist that scored best when re-measured on more "
+                                    "held-out images (the chosen-subnets table has that figure)."
+                                    if any(r.finalists for r in self.searches.values()) else ""))
         for metric, label in (("bitops", "BitOPs"), ("macs", "MACs")):
             name = f"{FILES}/pareto_{metric}.png"
             pareto_figure(self.run.out / name, metric, series, chosen, self.baseline, label)
