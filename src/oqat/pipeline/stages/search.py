@@ -43,9 +43,9 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> SearchO
     holdout_ext = dict(zip(extremes, accuracy(list(extremes.values()))))
     results, evaluated = search_budgets(space, bits, accuracy, costs, plan.budgets, config, progress=ctx.progress,
                                         measured_before=[(a, holdout_ext[k]) for k, a in extremes.items()])
+    del holdout
     final_images = None
     if s.finalists:
-        del holdout  # one evaluation set in memory at a time
         final = load_context(ckpt, split="holdout", eval_images=s.final_images, **kw)
         final_images = final.settings["eval_images"]
         fine = CachedAccuracy(DistributedAccuracy(final.accuracy_fn()), space, folder / "cache-finalists.jsonl",
