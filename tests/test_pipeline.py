@@ -263,6 +263,7 @@ def test_finalists_are_re_measured_on_every_held_out_image_and_decide_the_choice
             assert 1 <= len(finalists) <= 2 and coarse[space.key(Arch.from_dict(finalists[0]["arch"]))] == max(fitting)
             assert c["holdout_top1"] == best["accuracy"] == max(f["accuracy"] for f in finalists)
             assert c["arch"] == best["arch"] == max(finalists, key=lambda f: f["accuracy"])["arch"]
+            assert best["accuracy_source"]["finalists"] == 2 and best["accuracy_source"]["final_images"] == holdout
         # the largest and smallest are reported on the same images as the finalists
         fine = {space.key(Arch.from_dict(row["arch"])): row["accuracy"]
                 for row in map(json.loads, (out / f"search-{b}bit" / "cache-finalists.jsonl").read_text().splitlines())}

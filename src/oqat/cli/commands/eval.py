@@ -30,15 +30,12 @@ def add_context_args(p: argparse.ArgumentParser, *, split: bool = True, ckpt: bo
     g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
 
 
-def context_from_args(args: argparse.Namespace, ckpt: str | None = None, split: str | None = None,
-                      eval_images: int | None | str = "args"):
-    """The measurement context the flags describe; `eval_images` overrides ``--eval-images``."""
+def context_from_args(args: argparse.Namespace, ckpt: str | None = None, split: str | None = None):
     from ...measure import load_context
 
     return load_context(ckpt or args.ckpt, split=split or getattr(args, "split", "holdout"),
                         calib_images=args.calib_images, calib_batch=args.calib_batch, calib_seed=args.calib_seed,
-                        eval_images=args.eval_images if eval_images == "args" else eval_images,
-                        batch_size=args.batch_size, device=args.device,
+                        eval_images=args.eval_images, batch_size=args.batch_size, device=args.device,
                         data=args.data, data_root=args.data_root, workers=args.workers)
 
 

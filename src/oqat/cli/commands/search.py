@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -119,7 +120,8 @@ def run(args) -> int:
 
     results, evaluated = search_budgets(space, bits, accuracy, costs, budgets, config)
     if args.finalists:
-        final = context_from_args(args, split="holdout", eval_images=args.final_images)
+        final = context_from_args(argparse.Namespace(**{**vars(args), "eval_images": args.final_images}),
+                                  split="holdout")
         fine = CachedAccuracy(DistributedAccuracy(final.accuracy_fn()), space,
                               None if args.no_cache_file else out / "cache-finalists.jsonl",
                               {"source": "direct", **final.fingerprint()})

@@ -159,18 +159,19 @@ class _Report:
         self.add("table", headers=["bits", "largest held-out", "largest test", "largest MACs", "smallest held-out",
                                    "smallest test", "smallest MACs"], rows=rows, align=["l"] + ["r"] * 6)
 
-    def _plotted(self, c: ChosenSubnet, points: list[dict]) -> ChosenSubnet:
-        """`c` at the search's own score, the plot's y axis (finalists re-measure the chosen on more
-        images; their figure would float off the subnet's dot)."""
-        key = json.dumps(self.run.space.canonical(Arch.from_dict(c.arch)).to_dict(), separators=(",", ":"))
-        score = next((p["accuracy"] for p in points if p.get("arch") == key), c.holdout_top1)
-        return dataclasses.replace(c, holdout_top1=score)
+    def _plotted(self, chosen: list[ChosenSubnet], points: list[dict]) -> list[ChosenSubnet]:
+        """The chosen subnets at the search's own score, the plot's y axis (finalists re-measure
+        the chosen on more images; that figure would float off the subnet's dot)."""
+        key = self.run.space.key
+        score = {key(Arch.from_dict(json.loads(p["arch"]))): p["accuracy"] for p in points if p.get("arch")}
+        return [dataclasses.replace(c, holdout_top1=score.get(key(Arch.from_dict(c.arch)), c.holdout_top1))
+                for c in chosen]
 
     def fronts(self) -> None:
         if not self.searches:
             return
         series = {b: read_points(self.run.out / r.evaluated_csv) for b, r in self.searches.items()}
-        chosen = {b: [self._plotted(c, series[b]) for c in r.chosen] for b, r in self.searches.items()}
+        chosen = {b: self._plotted(r.chosen, series[b]) for b, r in self.searches.items()}
         self.add("h2", "Pareto fronts")
         self.add("p", "Every subnet measured during the searches (faint dots), the front of each bit-width (line), the "
                       "chosen subnet per budget (stars) and the baseline trained alone (cross). Accuracy is held-out "

@@ -57,9 +57,8 @@ def run(ctx: StageContext, stage: Stage, folder: Path, resumed: bool) -> SearchO
     for r in results:
         ctx.say(f"   {r.budget}: best held-out top-1 {r.accuracy:.2f}% ({r.evaluations} subnets searched, "
                 f"{len(evaluated)} measured in all)")
-    meta = {"bits": bits, "ckpt": str(ckpt), "accuracy_source": context, "search": config.to_dict()}
-    if s.finalists:
-        meta["rerank"] = {"finalists": s.finalists, "holdout_images": final_images}
+    source = {**context, "finalists": s.finalists, "final_images": final_images} if s.finalists else context
+    meta = {"bits": bits, "ckpt": str(ckpt), "accuracy_source": source, "search": config.to_dict()}  # as oqat search
     if ctx.info.is_main:
         write_search_outputs(folder, space, results, evaluated, costs, pareto_metrics=s.pareto, meta=meta)
     # Test split: the final figures of the largest, smallest and chosen subnets.
